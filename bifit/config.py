@@ -1,0 +1,287 @@
+"""Typed configuration loaded from `params.yaml`.
+
+Every section of params.yaml maps to one dataclass below. Loading rejects unknown keys, wrong
+types and out-of-range values with a message naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad value in a configuration file; the message names the file and the key."""
+
+
+def _check(cond: bool, key: str, expected: str, value: Any):
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    backbone_weights: str | None = None  # local torchvision-format ResNet file; never downloaded
+    train_backbone: bool = True  # lr_backbone > 0 in the official code: layer2-4 trainable
+    dilation: bool = False
+    text_encoder: str = "roberta-base"  # hub id or local directory written with save_pretrained
+    freeze_text_encoder: bool = True
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 4
+    dec_layers: int = 4
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 5
+    num_classes: int = 1  # binary referring
+    mask_dim: int = 256
+    controller_layers: int = 3
+    dynamic_mask_channels: int = 8
+    rel_coord: bool = True
+    aux_loss: bool = True
+    inter_frame_layers: int = 1  # BIFIT inter-frame interaction layers (0 turns the module off)
+    bidirectional_vl: bool = True  # false: one-way fusion and the encoder's pooled sentence (ReferFormer)
+    msda_backend: Literal["auto", "cpu", "cuda", "pytorch"] = "auto"
+
+    def validate(self, where: str = "model"):
+        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "num_classes",
+                     "mask_dim", "dynamic_mask_channels", "enc_n_points", "dec_n_points"):
+            _check(getattr(self, name) >= 1, f"{where}.{name}", "an integer >= 1", getattr(self, name))
+        for name in ("enc_layers", "inter_frame_layers"):
+            _check(getattr(self, name) >= 0, f"{where}.{name}", "an integer >= 0", getattr(self, name))
+        _check(self.controller_layers >= 1, f"{where}.controller_layers", "an integer >= 1", self.controller_layers)
+        _check(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a float in [0, 1)", self.dropout)
+        _check(self.num_feature_levels >= 3, f"{where}.num_feature_levels", "an integer >= 3", self.num_feature_levels)
+        _check(self.hidden_dim % self.nheads == 0, f"{where}.hidden_dim",
+               f"a multiple of {where}.nheads ({self.nheads})", self.hidden_dim)
+        _check(self.hidden_dim % 32 == 0, f"{where}.hidden_dim", "a multiple of 32 (GroupNorm(32) on inputs)",
+               self.hidden_dim)
+        _check(self.mask_dim == self.hidden_dim, f"{where}.mask_dim",
+               f"equal to {where}.hidden_dim ({self.hidden_dim})", self.mask_dim)
+        _check(self.dec_layers >= 2 or not self.aux_loss, f"{where}.dec_layers",
+               ">= 2 when aux_loss is on", self.dec_layers)
+        _check(bool(self.text_encoder), f"{where}.text_encoder", "a hub id or a local directory", self.text_encoder)
+
+
+@dataclass
+class MatcherConfig:
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    cost_mask: float = 2.0
+    cost_dice: float = 5.0
+
+    def validate(self, where: str = "matcher"):
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) >= 0, f"{where}.{f.name}", "a float >= 0", getattr(self, f.name))
+
+
+@dataclass
+class LossConfig:
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    mask_loss_coef: float = 2.0
+    dice_loss_coef: float = 5.0
+    focal_alpha: float = 0.25
+    mask_out_stride: int = 4
+
+    def validate(self, where: str = "loss"):
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) >= 0, f"{where}.{f.name}", "a value >= 0", getattr(self, f.name))
+        _check(self.focal_alpha <= 1, f"{where}.focal_alpha", "a float in [0, 1]", self.focal_alpha)
+        _check(self.mask_out_stride == 4, f"{where}.mask_out_stride", "4 (masks are predicted at 1/4)",
+               self.mask_out_stride)
+
+    def weight_dict(self, dec_layers: int, aux_loss: bool) -> dict[str, float]:
+        w = {"loss_ce": self.cls_loss_coef, "loss_bbox": self.bbox_loss_coef, "loss_giou": self.giou_loss_coef,
+             "loss_mask": self.mask_loss_coef, "loss_dice": self.dice_loss_coef}
+        if aux_loss:
+            w.update({f"{k}_{i}": v for i in range(dec_layers - 1) for k, v in list(w.items())})
+        return w
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["ytvos", "davis", "a2d", "jhmdb"] = "ytvos"
+    root: str = "data/synthetic/ref-youtube-vos"
+    num_frames: int = 6
+    train_scales: list[int] = field(default_factory=lambda: [288, 320, 352, 392, 416, 448, 480, 512])
+    max_size: int = 640
+    eval_short_side: int = 360
+    num_workers: int = 0
+    skip_bad_samples: bool = False
+
+    def validate(self, where: str = "data"):
+        _check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)
+        _check(len(self.train_scales) > 0 and all(s >= 32 for s in self.train_scales), f"{where}.train_scales",
+               "a non-empty list of integers >= 32", self.train_scales)
+        _check(self.max_size >= max(self.train_scales), f"{where}.max_size", ">= the largest train scale",
+               self.max_size)
+        _check(self.eval_short_side >= 32, f"{where}.eval_short_side", "an integer >= 32", self.eval_short_side)
+        _check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    epochs: int = 10
+    batch_size: int = 1
+    lr: float = 5e-5
+    lr_backbone: float = 1e-5
+    lr_text_encoder: float = 1e-5
+    lr_text_fusion: float = 5e-5
+    lr_linear_proj_mult: float = 1.0
+    weight_decay: float = 5e-4
+    lr_drop: list[int] = field(default_factory=lambda: [6, 8])
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    amp: bool = True  # mixed precision on GPU only
+    max_steps_per_epoch: int | None = None
+
+    def validate(self, where: str = "train"):
+        _check(self.epochs >= 1, f"{where}.epochs", "an integer >= 1", self.epochs)
+        _check(self.batch_size >= 1, f"{where}.batch_size", "an integer >= 1", self.batch_size)
+        for name in ("lr", "lr_backbone", "lr_text_encoder", "lr_text_fusion", "lr_linear_proj_mult",
+                     "weight_decay", "clip_max_norm"):
+            _check(getattr(self, name) >= 0, f"{where}.{name}", "a float >= 0", getattr(self, name))
+        _check(self.lr > 0, f"{where}.lr", "a float > 0", self.lr)
+        _check(0 < self.lr_gamma <= 1, f"{where}.lr_gamma", "a float in (0, 1]", self.lr_gamma)
+        _check(all(e >= 1 for e in self.lr_drop), f"{where}.lr_drop", "a list of epochs >= 1", self.lr_drop)
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, f"{where}.max_steps_per_epoch",
+               "null or an integer >= 1", self.max_steps_per_epoch)
+
+
+@dataclass
+class EvalConfig:
+    threshold: float = 0.5
+    num_frames: int = 36  # clip length for whole-video inference windows
+
+    def validate(self, where: str = "eval"):
+        _check(0 < self.threshold < 1, f"{where}.threshold", "a float in (0, 1)", self.threshold)
+        _check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        _check(value in args, key, _type_name(tp), value)
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"a list of {_type_name(args[0])}", value)
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        _check(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, "a string", value)
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls, data: dict | None, where: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None,
+                overrides: dict | None = None) -> Config:
+    """Read the config sections of a params file (other top-level sections are left to their own loaders)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    try:
+        kwargs = {name: from_dict(tp if not isinstance(tp, str) else globals()[tp], raw.get(name), name)
+                  for name, tp in SECTIONS.items() if sections is None or name in sections}
+        return Config(**kwargs).validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'hidden_dim': 256}} -> {'model.hidden_dim': 256} (for MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

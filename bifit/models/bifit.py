@@ -1,0 +1,155 @@
+"""BIFIT: the full referring video object segmentation network.
+
+images [b, t, 3, H, W] + expression tokens [b, l] -> per frame and query: a class logit, a box
+and mask logits at 1/4 resolution, for the last decoder layer and (aux) every earlier one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bifit.models.backbone import VisualBackbone
+from bifit.models.deformable_transformer import DeformableTransformer
+from bifit.models.mask_head import MLP, DynamicMaskHead
+from bifit.models.pixel_decoder import CrossModalFPNDecoder
+from bifit.models.position_encoding import sine_position_1d, sine_position_2d
+from bifit.models.text_encoder import FeatureResizer, text_hidden_size
+from bifit.models.vl_interaction import VisionLanguageInteraction
+
+
+def _resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """[n, H, W] bool -> [n, h, w] bool, nearest."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class BIFIT(nn.Module):
+    def __init__(self, cfg, text_encoder: nn.Module):
+        """cfg: a `bifit.config.ModelConfig`; text_encoder: a Hugging Face encoder module."""
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.num_queries = cfg.num_queries
+        self.backbone = VisualBackbone(cfg.backbone, cfg.train_backbone, cfg.dilation, cfg.backbone_weights)
+        self.text_encoder = text_encoder
+        if cfg.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False)
+        self.resizer = FeatureResizer(text_hidden_size(text_encoder), d, dropout=0.1)
+        self.vl_interaction = VisionLanguageInteraction(d, cfg.nheads, bidirectional=cfg.bidirectional_vl)
+
+        channels = self.backbone.num_channels
+        projs = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in channels[-3:]]
+        in_ch = channels[-1]
+        for _ in range(cfg.num_feature_levels - 3):
+            projs.append(nn.Sequential(nn.Conv2d(in_ch, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            in_ch = d
+        self.input_proj = nn.ModuleList(projs)
+        self.query_embed = nn.Embedding(cfg.num_queries, d)
+        self.transformer = DeformableTransformer(
+            d_model=d, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers, num_decoder_layers=cfg.dec_layers,
+            dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
+            enc_n_points=cfg.enc_n_points, dec_n_points=cfg.dec_n_points, inter_frame_layers=cfg.inter_frame_layers,
+        )
+        class_embed = nn.Linear(d, cfg.num_classes)
+        bbox_embed = MLP(d, d, 4, 3)
+        self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(cfg.dec_layers))
+        self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(cfg.dec_layers))
+        self.pixel_decoder = CrossModalFPNDecoder(channels[0], d, cfg.mask_dim, cfg.dim_feedforward, cfg.nheads,
+                                                  cfg.dropout)
+        self.mask_head = DynamicMaskHead(d, cfg.mask_dim, cfg.dynamic_mask_channels, cfg.controller_layers,
+                                         cfg.rel_coord)
+        self._reset_head_parameters()
+
+    def _reset_head_parameters(self):
+        prior = -math.log((1 - 0.01) / 0.01)
+        for head in self.class_embed:
+            nn.init.constant_(head.bias, prior)
+        for head in self.bbox_embed:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+            nn.init.constant_(head.layers[-1].bias[2:], -2.0)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        for layer in self.mask_head.controller.layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for name, p in self.pixel_decoder.named_parameters():
+            if "cross_attn" in name and p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def encode_text(self, input_ids, attention_mask):
+        """-> text features [b, l, c], text padding mask [b, l] (True = pad), pooled sentence [b, c] or None."""
+        encoded = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        text = self.resizer(encoded.last_hidden_state)
+        pooled = None
+        if not self.cfg.bidirectional_vl:
+            pooled = self.resizer(encoded.pooler_output)
+        return text, attention_mask.ne(1), pooled
+
+    def forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices=None,
+                with_aux: bool = True, record: dict | None = None):
+        """images [b, t, 3, H, W]; image_mask [b, t, H, W] (True = padding); input_ids, attention_mask [b, l];
+        image_sizes [b, 2] unpadded (h, w); valid_indices [b] (A2D: the one annotated frame of each clip).
+        """
+        b, t = images.shape[:2]
+        dtype = images.dtype
+        if valid_indices is not None:
+            # only the annotated frame continues; the backbone works per frame, so select before it
+            rows = torch.arange(b, device=images.device)
+            images, image_mask = images[rows, valid_indices][:, None], image_mask[rows, valid_indices][:, None]
+            t = 1
+        images, image_mask = images.flatten(0, 1), image_mask.flatten(0, 1)
+
+        feats = self.backbone(images)  # res2..res5, [(b t), c_l, h_l, w_l]
+        masks = [_resize_mask(image_mask, f.shape[-2:]) for f in feats]
+        poses = [sine_position_2d(m, dtype=dtype) for m in masks]
+
+        text, text_mask, pooled = self.encode_text(input_ids, attention_mask)
+        text_seq = text.transpose(0, 1)  # [l, b, c]
+        text_pos = sine_position_1d(text_mask, self.cfg.hidden_dim, dtype=dtype)
+        if record is not None:
+            record.update(res5=feats[-1], resizer=text)
+
+        srcs = [proj(f) for proj, f in zip(self.input_proj, feats[-3:])]
+        src_masks, src_poses = masks[-3:], poses[-3:]
+        extra_in = feats[-1]
+        for proj in self.input_proj[len(srcs):]:
+            src = proj(extra_in)
+            m = _resize_mask(image_mask, src.shape[-2:])
+            srcs.append(src)
+            src_masks.append(m)
+            src_poses.append(sine_position_2d(m, dtype=dtype))
+            extra_in = src
+        srcs, fused_text = self.vl_interaction(srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
+        if self.cfg.bidirectional_vl:
+            sentence = self.vl_interaction.sentence_pool(fused_text.transpose(0, 1))  # [b, c]
+        else:
+            sentence = pooled
+        q = self.num_queries
+        tgt = sentence[:, None, None].expand(b, t, q, -1).reshape(b * t, q, -1)  # [(b t), q, c]
+        out = self.transformer(srcs, src_masks, src_poses, tgt, self.query_embed.weight, t, self.bbox_embed)
+        if record is not None:
+            record.update(sentence=sentence, **{f"transformer.{k}": v for k, v in out.items()})
+
+        mask_features = self.pixel_decoder(feats[0], out["memory"], masks, poses, text_seq, text_mask, text_pos, t)
+        if record is not None:
+            record["mask_features"] = mask_features
+        levels = range(len(out["hs"])) if with_aux else [len(out["hs"]) - 1]
+        per_level = []
+        for lvl in levels:
+            hs = out["hs"][lvl]
+            per_level.append({
+                "pred_logits": self.class_embed[lvl](hs).view(b, t, q, -1),
+                "pred_boxes": out["boxes"][lvl].view(b, t, q, 4),
+                "pred_masks": self.mask_head(hs, out["references"][lvl][..., :2], mask_features, image_sizes, t),
+            })
+        outputs = dict(per_level[-1])
+        outputs["aux_outputs"] = per_level[:-1]
+        if not self.training and len(out["references"]) > 1:
+            outputs["reference_points"] = out["references"][-2][..., :2].reshape(b, t, q, 2)
+        return outputs

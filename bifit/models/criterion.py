@@ -1,0 +1,102 @@
+"""Set criterion for referring segmentation: focal classification, L1 + GIoU boxes, focal + dice masks,
+with auxiliary losses for every earlier decoder layer (suffix `_i`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bifit.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from bifit.models.matcher import pad_and_subsample_masks
+
+
+def sigmoid_focal_loss(logits, targets, num_boxes, alpha: float = 0.25, gamma: float = 2.0):
+    """[n, p, ...] -> scalar: focal loss, mean over dim 1, summed, divided by num_boxes."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+def dice_loss(logits, targets, num_boxes):
+    """[n, p] -> scalar: 1 - dice (+1 smoothing), summed, divided by num_boxes."""
+    probs = logits.sigmoid().flatten(1)
+    num = 2 * (probs * targets).sum(1)
+    den = probs.sum(-1) + targets.sum(-1)
+    return (1 - (num + 1) / (den + 1)).sum() / num_boxes
+
+
+class SetCriterion(nn.Module):
+    def __init__(self, matcher, weight_dict: dict[str, float], focal_alpha=0.25, mask_out_stride=4):
+        super().__init__()
+        self.matcher, self.weight_dict = matcher, weight_dict
+        self.focal_alpha, self.stride = focal_alpha, mask_out_stride
+
+    def loss_labels(self, out, targets, indices, num_boxes):
+        logits = out["pred_logits"]  # [b, t, q, k]
+        b, t, q, k = logits.shape
+        target = torch.zeros_like(logits)
+        for i, (tgt, (src_q, _)) in enumerate(zip(targets, indices)):
+            frames = tgt["valid"].nonzero().flatten().to(logits.device)
+            for qi in src_q.tolist():
+                target[i, frames, qi, 0] = 1  # binary referring: class 0 on the matched query's valid frames
+        # [b, t, q, k] -> [b, (t q), k]
+        loss = sigmoid_focal_loss(logits.flatten(1, 2), target.flatten(1, 2), num_boxes, self.focal_alpha)
+        return {"loss_ce": loss * (t * q)}
+
+    def loss_boxes(self, out, targets, indices, num_boxes):
+        # the matched query's boxes in every frame (invalid frames included: their target is zeros)
+        src = torch.cat([out["pred_boxes"][i][:, src_q] .transpose(0, 1).flatten(0, 1)
+                         for i, (src_q, _) in enumerate(indices)])  # [(b t), 4]
+        tgt = torch.cat([t["boxes"] for t in targets]).to(src)
+        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def loss_masks(self, out, targets, indices, num_boxes, target_masks):
+        src = torch.stack([out["pred_masks"][i][:, src_q].transpose(0, 1).flatten(0, 1)
+                           for i, (src_q, _) in enumerate(indices)])  # [b, t, h, w]
+        src, tgt = src.flatten(1), target_masks.to(src).flatten(1)
+        return {"loss_mask": sigmoid_focal_loss(src, tgt, num_boxes, self.focal_alpha),
+                "loss_dice": dice_loss(src, tgt, num_boxes)}
+
+    @staticmethod
+    def num_boxes(targets, device) -> float:
+        n = torch.as_tensor([float(sum(int(t["valid"].sum()) for t in targets))], device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n)
+            n = n / torch.distributed.get_world_size()
+        return max(n.item(), 1.0)
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms; `weighted_total(losses)` combines them."""
+        target_masks = pad_and_subsample_masks([t["masks"] for t in targets], self.stride)
+        target_masks = target_masks.to(outputs["pred_masks"])
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = {}
+        levels = [(outputs, "")] + [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        for out, suffix in levels:
+            indices = self.matcher(out, targets, target_masks)
+            terms = {**self.loss_labels(out, targets, indices, num_boxes),
+                     **self.loss_boxes(out, targets, indices, num_boxes),
+                     **self.loss_masks(out, targets, indices, num_boxes, target_masks)}
+            losses.update({k + suffix: v for k, v in terms.items()})
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """cfg: `bifit.config.Config` (uses its model, matcher and loss sections)."""
+    from bifit.models.matcher import VideoMatcher
+
+    m = cfg.matcher
+    matcher = VideoMatcher(m.cost_class, m.cost_bbox, m.cost_giou, m.cost_mask, m.cost_dice,
+                           cfg.loss.focal_alpha, cfg.loss.mask_out_stride)
+    weights = cfg.loss.weight_dict(cfg.model.dec_layers, cfg.model.aux_loss)
+    return SetCriterion(matcher, weights, cfg.loss.focal_alpha, cfg.loss.mask_out_stride)
