@@ -160,15 +160,16 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # photometric distortion on one float32 HWC frame, channels read as B, G, R (quirk 21)
 
-_HSV_SECTORS = ((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0))  # (b, g, r) picks per sector
+# value picked for (b, g, r) in each hue sector, as indices into (v, p, q, t) of the usual HSV -> RGB formula
+_HSV_SECTORS = np.asarray([(1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0)])
 _EPS = float(np.finfo(np.float32).eps)
 
 
 def bgr_to_hsv(img: np.ndarray) -> np.ndarray:
     """Float HSV like OpenCV's float path: H in [0, 360), S = (V - min) / |V|, V = max (same range as input)."""
     b, g, r = img[..., 0], img[..., 1], img[..., 2]
-    v = img.max(axis=-1)
-    diff = v - img.min(axis=-1)
+    v = np.maximum(np.maximum(b, g), r)
+    diff = v - np.minimum(np.minimum(b, g), r)
     s = diff / (np.abs(v) + _EPS)
     scale = 60.0 / (diff + _EPS)
     h = np.where(v == r, (g - b) * scale, np.where(v == g, 120.0 + (b - r) * scale, 240.0 + (r - g) * scale))
@@ -182,9 +183,10 @@ def hsv_to_bgr(img: np.ndarray) -> np.ndarray:
     h = np.mod(h, 6.0)
     sector = np.floor(h).astype(np.int64).clip(0, 5)
     frac = h - sector
-    tab = np.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))], axis=-1)  # [H, W, 4]
-    picks = np.asarray(_HSV_SECTORS)[sector]  # [H, W, 3]
-    return np.take_along_axis(tab, picks, axis=-1).astype(np.float32)
+    tab = np.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))]).reshape(4, -1)  # (v, p, q, t)
+    picks = _HSV_SECTORS[sector.reshape(-1)]  # [H*W, 3]
+    pixels = np.arange(picks.shape[0])[:, None]
+    return tab[picks, pixels].reshape(*img.shape[:-1], 3).astype(np.float32)
 
 
 def wrap_to_uint8(img: np.ndarray) -> np.ndarray:

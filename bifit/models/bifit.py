@@ -107,7 +107,7 @@ class BIFIT(nn.Module):
 
         feats = self.backbone(images)  # res2..res5, [(b t), c_l, h_l, w_l]
         masks = [_resize_mask(image_mask, f.shape[-2:]) for f in feats]
-        poses = [sine_position_2d(m, dtype=dtype) for m in masks]
+        poses = [sine_position_2d(m, self.cfg.hidden_dim // 2, dtype=dtype) for m in masks]
 
         text, text_mask, pooled = self.encode_text(input_ids, attention_mask)
         text_seq = text.transpose(0, 1)  # [l, b, c]
@@ -123,7 +123,7 @@ class BIFIT(nn.Module):
             m = _resize_mask(image_mask, src.shape[-2:])
             srcs.append(src)
             src_masks.append(m)
-            src_poses.append(sine_position_2d(m, dtype=dtype))
+            src_poses.append(sine_position_2d(m, self.cfg.hidden_dim // 2, dtype=dtype))
             extra_in = src
         srcs, fused_text = self.vl_interaction(srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
         if self.cfg.bidirectional_vl:

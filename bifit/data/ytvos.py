@@ -1,0 +1,351 @@
+"""Ref-YouTube-VOS loader (DATASETS_AND_EVAL.md sections 1.3, 1.7 and 2.2-2.6).
+
+Training: one sample per (video, expression, anchor frame f in {0, T, 2T, ...} < L), a clip sampled around the
+anchor (section 1.7), the mask of every sampled frame is ``png == int(obj_id)``, the box its tight xyxy extent with
+inclusive x2/y2, ``valid`` 1 where the mask is non-empty. A clip with no valid frame after the transforms is replaced
+by a random other sample, as in the reference.
+
+Inference: the listed valid videos are the valid meta minus the test meta (section 2.4); every expression of a video
+is run on the whole video, resized so the shorter side is ``short_side`` (360 for real YTVOS).
+
+Bad data raises :class:`SampleError` naming the file, the sample id and the reason. With ``skip_bad_samples=True``
+the dataset logs a warning, records ``{"file", "id", "reason"}`` in ``dataset.skipped`` and serves the next sample
+(index + 1, deterministic). Note that DataLoader workers hold copies of the dataset, so ``skipped`` is per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random as _random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from bifit.data.collate import normalize_text
+from bifit.data.transforms import Compose, Normalize, make_video_eval_transform
+
+log = logging.getLogger(__name__)
+
+# YTVOS category ids 0..64, alphabetical (section 1.6)
+YTVOS_CATEGORIES = (
+    "airplane", "ape", "bear", "bike", "bird", "boat", "bucket", "bus", "camel", "cat", "cow", "crocodile", "deer",
+    "dog", "dolphin", "duck", "eagle", "earless_seal", "elephant", "fish", "fox", "frisbee", "frog", "giant_panda",
+    "giraffe", "hand", "hat", "hedgehog", "horse", "knife", "leopard", "lion", "lizard", "monkey", "motorbike",
+    "mouse", "others", "owl", "paddle", "parachute", "parrot", "penguin", "person", "plant", "rabbit", "raccoon",
+    "sedan", "shark", "sheep", "sign", "skateboard", "snail", "snake", "snowboard", "squirrel", "surfboard",
+    "tennis_racket", "tiger", "toilet", "train", "truck", "turtle", "umbrella", "whale", "zebra",
+)  # fmt: skip
+NUM_VALID_VIDEOS = 202  # the real competition's valid split after the test filter
+
+
+class SampleError(RuntimeError):
+    """A sample that cannot be loaded: ``file`` (path), ``sample_id`` (video/exp/obj/frame ids) and ``reason``."""
+
+    def __init__(self, file, sample_id: str, reason: str):
+        self.file, self.sample_id, self.reason = str(file), sample_id, reason
+        super().__init__(f"{file}: {reason} [{sample_id}]")
+
+    def record(self) -> dict:
+        return {"file": self.file, "id": self.sample_id, "reason": self.reason}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: missing Ref-YouTube-VOS metadata file") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from err
+
+
+def expressions_path(root: Path, split: str) -> Path:
+    return Path(root) / "meta_expressions" / split / "meta_expressions.json"
+
+
+def read_videos(path: Path) -> dict:
+    meta = read_json(path)
+    if not isinstance(meta.get("videos"), dict):
+        raise ValueError(f"{path}: expected a top-level 'videos' object mapping video ids to entries")
+    return meta["videos"]
+
+
+def load_image(path: Path, sample_id: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise SampleError(path, sample_id, "missing image file") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SampleError(path, sample_id, f"corrupt or unreadable image ({err})") from err
+
+
+def load_id_map(path: Path, sample_id: str, size_wh: tuple[int, int] | None = None) -> np.ndarray:
+    """Annotation PNG as an integer id map [H, W] (palette index = object id, 0 = background)."""
+    try:
+        with Image.open(path) as png:
+            if png.mode not in ("P", "L"):
+                raise SampleError(path, sample_id, f"expected a palette ('P') or 'L' PNG, got mode {png.mode!r}")
+            ids = np.array(png)
+    except FileNotFoundError as err:
+        raise SampleError(path, sample_id, "missing annotation PNG") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SampleError(path, sample_id, f"corrupt or unreadable annotation PNG ({err})") from err
+    if size_wh is not None and ids.shape != (size_wh[1], size_wh[0]):
+        raise SampleError(path, sample_id, f"annotation is {ids.shape[1]}x{ids.shape[0]} (WxH), expected the "
+                                           f"frame size {size_wh[0]}x{size_wh[1]}")
+    return ids
+
+
+def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight (x1, y1, x2, y2) of a non-empty mask, x2/y2 inclusive pixel indices."""
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    y1, y2 = np.where(rows)[0][[0, -1]]
+    x1, x2 = np.where(cols)[0][[0, -1]]
+    return int(x1), int(y1), int(x2), int(y2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training samples
+
+
+def sample_clip_indices(anchor: int, length: int, num_frames: int, rng=_random) -> list[int]:
+    """Clip positions around ``anchor`` in a video of ``length`` frames (section 1.7); sorted, repeats allowed."""
+    idx = [anchor]
+    if num_frames != 1:
+        before, after = rng.randint(1, 3), rng.randint(1, 3)
+        idx += [max(0, anchor - before), min(length - 1, anchor + after)]
+    if num_frames > 3:
+        n_global = num_frames - len(idx)
+        candidates = list(range(min(idx))) + list(range(max(idx), length))
+        if len(candidates) > n_global:
+            idx += rng.sample(candidates, n_global)
+        elif length >= n_global:
+            idx += rng.sample(range(length), n_global)
+        else:  # all frames, plus random repeats (repeated passes when more than 2L are needed)
+            extra = []
+            while len(extra) < n_global - length:
+                extra += rng.sample(range(length), min(length, n_global - length - len(extra)))
+            idx += extra + list(range(length))
+    return sorted(idx)[:num_frames]
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    video: str
+    exp_id: str
+    caption: str
+    obj_id: str
+    category_id: int
+    frames: tuple[str, ...]  # sorted frame names of the video
+    anchor: int
+
+    @property
+    def sample_id(self) -> str:
+        return f"video {self.video} exp_id {self.exp_id} obj_id {self.obj_id}"
+
+
+def video_ids(root: Path, split: str, exclude_test: bool = True) -> list[str]:
+    """Videos of ``meta_expressions/<split>``; for "valid" minus those of ``meta_expressions/test`` (section 2.4)."""
+    videos = read_videos(expressions_path(root, split))
+    if split == "valid" and exclude_test:
+        test_path = expressions_path(root, "test")
+        if not test_path.is_file():
+            raise FileNotFoundError(f"{test_path}: missing; the valid split is the valid meta minus the test meta "
+                                    "(section 2.4), so the test meta_expressions.json is required")
+        return sorted(set(videos) - set(read_videos(test_path)))
+    return list(videos)
+
+
+def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequence[str]):
+    """(samples, problems): one sample per (video, expression, anchor) plus SampleErrors for broken expressions."""
+    root = Path(root)
+    exp_path, meta_path = expressions_path(root, split), root / split / "meta.json"
+    expressions, objects_meta = read_videos(exp_path), read_videos(meta_path)
+    category_ids = {c: i for i, c in enumerate(categories)}
+    samples, problems = [], []
+    for vid in video_ids(root, split):
+        frames = tuple(sorted(expressions[vid]["frames"]))
+        for exp_id, exp in expressions[vid]["expressions"].items():
+            obj_id = str(exp.get("obj_id"))
+            sid = f"video {vid} exp_id {exp_id} obj_id {obj_id}"
+            objects = objects_meta.get(vid, {}).get("objects", {})
+            if "obj_id" not in exp or obj_id not in objects:
+                problems.append(SampleError(meta_path, sid, "expression refers to an object missing from meta.json"))
+                continue
+            category = objects[obj_id].get("category")
+            if category not in category_ids:
+                problems.append(SampleError(meta_path, sid, f"category {category!r} is not in the categories list "
+                                                            f"({len(category_ids)} names; pass categories=...)"))
+                continue
+            for anchor in range(0, len(frames), num_frames):
+                samples.append(TrainSample(vid, str(exp_id), normalize_text(exp["exp"]), obj_id,
+                                           category_ids[category], frames, anchor))
+    return samples, problems
+
+
+class YTVOSDataset(Dataset):
+    """Ref-YouTube-VOS training clips: ``(imgs [T, 3, H, W], target)`` per section 1.3.
+
+    ``target`` keys: ``frames_idx`` [T] long, ``labels`` [T] long (category ids), ``boxes`` [T, 4] (normalised
+    cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32, ``caption``, ``orig_size`` and
+    ``size`` ([h, w] long), ``video``, ``exp_id``, ``obj_id``. ``transforms=None`` only normalises.
+    ``categories`` defaults to the 65 YTVOS classes (use ``synthetic.SYNTHETIC_CATEGORIES`` for the embedded set).
+    """
+
+    def __init__(self, root, split: str = "train", num_frames: int = 6, transforms=None,
+                 categories: Sequence[str] | None = None, skip_bad_samples: bool = False, rng=None,
+                 max_retries: int = 100):
+        if num_frames < 1:
+            raise ValueError(f"YTVOSDataset.num_frames: expected >= 1, got {num_frames}")
+        self.root, self.split, self.num_frames = Path(root), split, num_frames
+        self.transforms = transforms if transforms is not None else Compose([Normalize()])
+        self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
+        self.skip_bad_samples, self.rng, self.max_retries = skip_bad_samples, rng or _random, max_retries
+        self.skipped: list[dict] = []
+        self._skipped_keys: set[tuple[str, str]] = set()
+        self.samples, problems = list_train_samples(self.root, split, num_frames, self.categories)
+        for err in problems:
+            if not skip_bad_samples:
+                raise err
+            self._record_skip(err)
+        if not self.samples:
+            raise ValueError(f"{expressions_path(self.root, split)}: no usable training samples")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int):
+        for _ in range(self.max_retries):
+            try:
+                imgs, target = self.load(self.samples[idx])
+            except SampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self._record_skip(err)
+                idx = (idx + 1) % len(self)
+                continue
+            if torch.any(target["valid"] == 1):
+                return imgs, target
+            idx = self.rng.randint(0, len(self) - 1)  # no valid frame after augmentation: redraw (reference)
+        raise RuntimeError(f"{self.root / self.split}: no loadable clip with a valid frame after "
+                           f"max_retries={self.max_retries} attempts (last: {self.samples[idx].sample_id})")
+
+    def _record_skip(self, err: SampleError) -> None:
+        key = (err.file, err.sample_id)
+        if key not in self._skipped_keys:
+            self._skipped_keys.add(key)
+            self.skipped.append(err.record())
+        log.warning("skipping bad Ref-YouTube-VOS sample: %s", err)
+
+    def frame_paths(self, video: str, frame: str) -> tuple[Path, Path]:
+        split_dir = self.root / self.split
+        return split_dir / "JPEGImages" / video / f"{frame}.jpg", split_dir / "Annotations" / video / f"{frame}.png"
+
+    def load(self, sample: TrainSample):
+        """Load and transform one sample (raises SampleError on bad files)."""
+        positions = sample_clip_indices(sample.anchor, len(sample.frames), self.num_frames, self.rng)
+        clip, masks, boxes, valid = [], [], [], []
+        for pos in positions:
+            frame = sample.frames[pos]
+            img_path, ann_path = self.frame_paths(sample.video, frame)
+            sid = f"{sample.sample_id} frame {frame}"
+            img = load_image(img_path, sid)
+            mask = load_id_map(ann_path, sid, img.size) == int(sample.obj_id)
+            clip.append(img)
+            masks.append(torch.from_numpy(mask))
+            valid.append(int(mask.any()))
+            boxes.append(torch.tensor(bounding_box(mask) if mask.any() else (0, 0, 0, 0), dtype=torch.float32))
+        w, h = clip[0].size
+        boxes = torch.stack(boxes)  # [T, 4] absolute xyxy
+        boxes[:, 0::2].clamp_(min=0, max=w)
+        boxes[:, 1::2].clamp_(min=0, max=h)
+        target = {
+            "frames_idx": torch.tensor(positions, dtype=torch.long),
+            "labels": torch.full((len(positions),), sample.category_id, dtype=torch.long),
+            "boxes": boxes,
+            "masks": torch.stack(masks).float(),  # [T, H, W]
+            "valid": torch.tensor(valid, dtype=torch.int32),
+            "caption": sample.caption,
+            "orig_size": torch.tensor([h, w]),
+            "size": torch.tensor([h, w]),
+            "video": sample.video,
+            "exp_id": sample.exp_id,
+            "obj_id": sample.obj_id,
+        }
+        imgs, target = self.transforms(clip, target)
+        target["masks"] = target["masks"].bool()
+        return imgs, target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inference (whole videos)
+
+
+@dataclass(frozen=True)
+class Expression:
+    video: str
+    exp_id: str
+    caption: str  # normalised (section 1.2)
+    frames: tuple[str, ...]  # frame names in meta order
+    obj_id: str | None  # present in train metas and in the synthetic valid meta
+
+
+def inference_videos(root, split: str = "valid", expected_count: int | None = None) -> list[str]:
+    """Sorted videos to run inference on; for "valid" the valid meta minus the test meta.
+
+    ``expected_count`` (e.g. ``NUM_VALID_VIDEOS`` for the real data) raises ValueError when the count differs.
+    """
+    videos = sorted(video_ids(root, split))
+    if expected_count is not None and len(videos) != expected_count:
+        raise ValueError(f"{expressions_path(root, split)}: {len(videos)} {split} videos after filtering, "
+                         f"expected {expected_count}")
+    return videos
+
+
+def inference_expressions(root, split: str = "valid", videos: Sequence[str] | None = None) -> list[Expression]:
+    """Every expression of every inference video, grouped by video (sorted) in meta order."""
+    meta = read_videos(expressions_path(root, split))
+    out = []
+    for vid in videos if videos is not None else inference_videos(root, split):
+        if vid not in meta:
+            raise KeyError(f"{expressions_path(root, split)}: no video {vid!r}")
+        for exp_id, exp in meta[vid]["expressions"].items():
+            obj_id = exp.get("obj_id")
+            out.append(Expression(vid, str(exp_id), normalize_text(exp["exp"]), tuple(meta[vid]["frames"]),
+                                  None if obj_id is None else str(obj_id)))
+    return out
+
+
+def load_video(root, video: str, frames: Sequence[str], split: str = "valid", short_side: int = 360):
+    """All listed frames as one clip for inference: ``(imgs [T, 3, h, w], (H, W) original size)``.
+
+    Frames are resized with torchvision ``Resize(short_side)`` semantics (no cap) and normalised; every frame must
+    have the size of the first. Cache the result per video: every expression of a video uses the same clip.
+    """
+    paths = [Path(root) / split / "JPEGImages" / video / f"{f}.jpg" for f in frames]
+    clip = [load_image(p, f"video {video} frame {f}") for p, f in zip(paths, frames)]
+    for p, img in zip(paths, clip):
+        if img.size != clip[0].size:
+            raise SampleError(p, f"video {video}", f"frame is {img.size[0]}x{img.size[1]} (WxH), expected "
+                                                   f"{clip[0].size[0]}x{clip[0].size[1]} like {paths[0].name}")
+    w, h = clip[0].size
+    imgs, _ = make_video_eval_transform(short_side)(clip, {})
+    return imgs, (h, w)
+
+
+def load_gt_masks(root, video: str, frames: Sequence[str], obj_id: str, split: str = "valid") -> torch.Tensor:
+    """Ground-truth masks [T, H, W] bool of one object (``valid/Annotations`` exists for the synthetic set only)."""
+    ann_dir = Path(root) / split / "Annotations" / video
+    masks = [load_id_map(ann_dir / f"{f}.png", f"video {video} obj_id {obj_id} frame {f}") == int(obj_id)
+             for f in frames]
+    return torch.from_numpy(np.stack(masks))

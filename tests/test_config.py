@@ -1,0 +1,45 @@
+import pytest
+
+from bifit.config import Config, ConfigError, flatten, load_config, to_dict
+from tests.conftest import REPO
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_repository_params_load():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.model.hidden_dim % cfg.model.nheads == 0
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model:\n  hiden_dim: 256\n", "model: unknown key(s) ['hiden_dim']"),
+    ("model:\n  hidden_dim: '256'\n", "model.hidden_dim: expected an integer, got '256'"),
+    ("model:\n  dropout: 1.5\n", "model.dropout: expected a float in [0, 1)"),
+    ("model:\n  backbone: vgg\n", "model.backbone: expected one of 'resnet18'"),
+    ("model:\n  inter_frame_layers: -1\n", "model.inter_frame_layers: expected an integer >= 0"),
+    ("model:\n  hidden_dim: 100\n", "model.hidden_dim: expected a multiple of model.nheads"),
+    ("model:\n  aux_loss: yes please\n", "model.aux_loss: expected true or false"),
+    ("train:\n  lr_drop: [6, x]\n", "train.lr_drop[1]: expected an integer"),
+    ("train:\n  lr: 0\n", "train.lr: expected a float > 0"),
+    ("data:\n  max_size: 100\n", "data.max_size: expected >= the largest train scale"),
+])
+def test_invalid_values_name_the_file_and_key(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_ints_accepted_for_floats_and_flatten():
+    cfg = Config()
+    flat = flatten(to_dict(cfg))
+    assert flat["model.hidden_dim"] == 256 and flat["train.lr"] == 5e-5
+
+
+def test_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
