@@ -10,7 +10,9 @@ from bifit.data.text_encoder_assets import (
     write_text_encoder_assets,
 )
 from bifit.data.transforms import (
+    PAPER_EVAL_SHORT_SIDE,
     PAPER_RESIZE,
+    SYNTHETIC_EVAL_SHORT_SIDE,
     SYNTHETIC_RESIZE,
     ResizeConfig,
     make_eval_transforms,
@@ -30,8 +32,10 @@ from bifit.data.ytvos import (
 )
 
 __all__ = [
+    "PAPER_EVAL_SHORT_SIDE",
     "PAPER_RESIZE",
     "SYNTHETIC_CATEGORIES",
+    "SYNTHETIC_EVAL_SHORT_SIDE",
     "SYNTHETIC_RESIZE",
     "YTVOS_CATEGORIES",
     "Expression",

@@ -70,6 +70,8 @@ PAPER_RESIZE = ResizeConfig()
 SYNTHETIC_RESIZE = ResizeConfig(
     scales=(160, 176, 192, 208, 224), max_size=384, crop_resize_scales=(200, 240, 280), crop_min=160, crop_max=280
 )
+PAPER_EVAL_SHORT_SIDE = 360
+SYNTHETIC_EVAL_SHORT_SIDE = 192  # native height of the default synthetic frames (no resize at inference)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ Inference: the listed valid videos are the valid meta minus the test meta (secti
 is run on the whole video, resized so the shorter side is ``short_side`` (360 for real YTVOS).
 
 Bad data raises :class:`SampleError` naming the file, the sample id and the reason. With ``skip_bad_samples=True``
-the dataset logs a warning, records ``{"file", "id", "reason"}`` in ``dataset.skipped`` and serves the next sample
-(index + 1, deterministic). Note that DataLoader workers hold copies of the dataset, so ``skipped`` is per process.
+the dataset logs a warning, records ``{"file", "id", "reason", "index"}`` in ``dataset.skipped`` and serves the next
+sample (index + 1, deterministic); broken expressions found while listing are left out of the samples and recorded
+with ``index`` None. Note that DataLoader workers hold copies of the dataset, so ``skipped`` is per process.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequ
             category = objects[obj_id].get("category")
             if category not in category_ids:
                 problems.append(SampleError(meta_path, sid, f"category {category!r} is not in the categories list "
-                                                            f"({len(category_ids)} names; pass categories=...)"))
+                                                            f"({len(category_ids)} names); pass categories=..., e.g. "
+                                                            "bifit.data.SYNTHETIC_CATEGORIES for the synthetic set"))
                 continue
             for anchor in range(0, len(frames), num_frames):
                 samples.append(TrainSample(vid, str(exp_id), normalize_text(exp["exp"]), obj_id,
@@ -200,6 +202,8 @@ class YTVOSDataset(Dataset):
     cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32, ``caption``, ``orig_size`` and
     ``size`` ([h, w] long), ``video``, ``exp_id``, ``obj_id``. ``transforms=None`` only normalises.
     ``categories`` defaults to the 65 YTVOS classes (use ``synthetic.SYNTHETIC_CATEGORIES`` for the embedded set).
+    ``rng`` (clip sampling and redraws) defaults to the ``random`` module, which PyTorch reseeds in every DataLoader
+    worker; a ``random.Random`` passed here is copied into each worker with the same state.
     """
 
     def __init__(self, root, split: str = "train", num_frames: int = 6, transforms=None,
@@ -212,7 +216,7 @@ class YTVOSDataset(Dataset):
         self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
         self.skip_bad_samples, self.rng, self.max_retries = skip_bad_samples, rng or _random, max_retries
         self.skipped: list[dict] = []
-        self._skipped_keys: set[tuple[str, str]] = set()
+        self._skipped_keys: set[tuple] = set()
         self.samples, problems = list_train_samples(self.root, split, num_frames, self.categories)
         for err in problems:
             if not skip_bad_samples:
@@ -231,7 +235,7 @@ class YTVOSDataset(Dataset):
             except SampleError as err:
                 if not self.skip_bad_samples:
                     raise
-                self._record_skip(err)
+                self._record_skip(err, idx)
                 idx = (idx + 1) % len(self)
                 continue
             if torch.any(target["valid"] == 1):
@@ -240,12 +244,14 @@ class YTVOSDataset(Dataset):
         raise RuntimeError(f"{self.root / self.split}: no loadable clip with a valid frame after "
                            f"max_retries={self.max_retries} attempts (last: {self.samples[idx].sample_id})")
 
-    def _record_skip(self, err: SampleError) -> None:
-        key = (err.file, err.sample_id)
-        if key not in self._skipped_keys:
-            self._skipped_keys.add(key)
-            self.skipped.append(err.record())
-        log.warning("skipping bad Ref-YouTube-VOS sample: %s", err)
+    def _record_skip(self, err: SampleError, index: int | None = None) -> None:
+        """Record once per dataset index: ``{"file", "id", "reason", "index"}`` (index None: found at listing)."""
+        key = index if index is not None else (err.file, err.sample_id)
+        if key in self._skipped_keys:
+            return
+        self._skipped_keys.add(key)
+        self.skipped.append({**err.record(), "index": index})
+        log.warning("skipping bad Ref-YouTube-VOS sample%s: %s", "" if index is None else f" {index}", err)
 
     def frame_paths(self, video: str, frame: str) -> tuple[Path, Path]:
         split_dir = self.root / self.split

@@ -1,0 +1,230 @@
+"""Ref-YouTube-VOS loader on a small generated benchmark: round trip, clip sampling, inference listing, bad data."""
+
+import json
+import logging
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bifit.data import synthetic as syn
+from bifit.data.collate import collate_fn
+from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
+from bifit.data.transforms import MEAN, STD, box_cxcywh_to_xyxy
+from bifit.data.ytvos import (
+    SampleError,
+    YTVOSDataset,
+    bounding_box,
+    inference_expressions,
+    inference_videos,
+    load_gt_masks,
+    load_video,
+    sample_clip_indices,
+)
+
+TINY = SyntheticConfig(seed=11, num_train_videos=3, num_valid_videos=2, num_test_videos=1, frames_per_video=6,
+                       height=96, width=160)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ytvos") / "ref-youtube-vos"
+    generate_benchmark(TINY, root, progress=False)
+    return root
+
+
+@pytest.fixture
+def bench_copy(bench, tmp_path) -> Path:
+    return Path(shutil.copytree(bench, tmp_path / "copy"))
+
+
+def dataset(root, **kw) -> YTVOSDataset:
+    kw.setdefault("num_frames", 4)
+    return YTVOSDataset(root, "train", categories=SYNTHETIC_CATEGORIES, rng=random.Random(0), **kw)
+
+
+def meta(root, rel="meta_expressions/train/meta_expressions.json") -> dict:
+    return json.loads((Path(root) / rel).read_text())["videos"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sample_listing_is_one_per_expression_and_anchor(bench):
+    ds = dataset(bench, num_frames=4)
+    exps = meta(bench)
+    n_exp = sum(len(v["expressions"]) for v in exps.values())
+    assert len(ds) == n_exp * math.ceil(TINY.frames_per_video / 4)
+    assert {s.anchor for s in ds.samples} == {0, 4}
+    assert ds.skipped == []
+
+
+def test_round_trip_masks_boxes_labels(bench):
+    ds = dataset(bench)
+    train_meta = meta(bench, "train/meta.json")
+    scenes = syn.load_scenes(bench)["train"]
+    for idx in range(0, len(ds), 5):
+        imgs, t = ds[idx]
+        s = ds.samples[idx]
+        assert imgs.shape == (4, 3, 96, 160) and t["masks"].shape == (4, 96, 160) and t["masks"].dtype == torch.bool
+        assert t["video"] == s.video and t["exp_id"] == s.exp_id and t["obj_id"] == s.obj_id
+        assert t["caption"] == " ".join(meta(bench)[s.video]["expressions"][s.exp_id]["exp"].lower().split())
+        assert t["orig_size"].tolist() == [96, 160] and t["size"].tolist() == [96, 160]
+        category = train_meta[s.video]["objects"][s.obj_id]["category"]
+        assert t["labels"].tolist() == [SYNTHETIC_CATEGORIES.index(category)] * 4
+        obj = next(o for o in scenes[s.video]["objects"] if str(o["obj_id"]) == s.obj_id)
+        xyxy = box_cxcywh_to_xyxy(t["boxes"]) * torch.tensor([160, 96, 160, 96])
+        for k, pos in enumerate(t["frames_idx"].tolist()):
+            frame = s.frames[pos]
+            png = np.array(Image.open(bench / "train" / "Annotations" / s.video / f"{frame}.png"))
+            expected = png == int(s.obj_id)
+            assert torch.equal(t["masks"][k], torch.from_numpy(expected))
+            shape = syn.shape_mask(obj["shape"], *obj["centres"][pos], obj["radius"], 96, 160)
+            assert np.all(expected <= shape)  # the mask is the rendered object (minus occlusion)
+            assert t["valid"][k] == int(expected.any())
+            box = bounding_box(expected) if expected.any() else (0, 0, 0, 0)
+            torch.testing.assert_close(xyxy[k], torch.tensor(box, dtype=torch.float32), atol=1e-3, rtol=0)
+            jpg = np.asarray(Image.open(bench / "train" / "JPEGImages" / s.video / f"{frame}.jpg"), np.float32)
+            pixels = (imgs[k] * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]) * 255
+            torch.testing.assert_close(pixels.permute(1, 2, 0), torch.from_numpy(jpg), atol=1e-3, rtol=0)
+
+
+def test_expression_objects_exist_in_meta_and_masks(bench):
+    train_meta = meta(bench, "train/meta.json")
+    for vid, entry in meta(bench).items():
+        pngs = np.stack([np.array(Image.open(bench / "train" / "Annotations" / vid / f"{f}.png"))
+                         for f in entry["frames"]])
+        for exp in entry["expressions"].values():
+            assert exp["obj_id"] in train_meta[vid]["objects"]
+            assert (pngs == int(exp["obj_id"])).sum() > 0
+
+
+@pytest.mark.parametrize(("anchor", "length", "t"), [(0, 12, 6), (11, 12, 6), (6, 12, 5), (4, 12, 1), (3, 12, 3),
+                                                     (1, 3, 6), (0, 2, 9), (0, 1, 4)])
+def test_clip_sampling(anchor, length, t):
+    rng = random.Random(anchor * 100 + length)
+    for _ in range(20):
+        idx = sample_clip_indices(anchor, length, t, rng)
+        assert len(idx) == t and idx == sorted(idx) and anchor in idx
+        assert all(0 <= i < length for i in idx)
+        if t == 1:
+            assert idx == [anchor]
+        elif length >= 4:  # the local neighbours lie 1..3 frames away (clamped at the ends)
+            assert any(max(0, anchor - 3) <= i < anchor for i in idx) or anchor == 0
+            assert any(anchor < i <= min(length - 1, anchor + 3) for i in idx) or anchor == length - 1
+    if length < t - 3:  # every frame appears
+        assert set(sample_clip_indices(anchor, length, t, rng)) == set(range(length))
+
+
+def test_inference_listing_is_valid_minus_test(bench, bench_copy):
+    valid, test = meta(bench, "meta_expressions/valid/meta_expressions.json"), meta(
+        bench, "meta_expressions/test/meta_expressions.json")
+    videos = inference_videos(bench)
+    assert videos == sorted(set(valid) - set(test)) and len(videos) == 2
+    exps = inference_expressions(bench)
+    assert [e.video for e in exps] == sorted(e.video for e in exps)
+    assert len(exps) == sum(len(valid[v]["expressions"]) for v in videos)
+    assert all(e.obj_id is not None and e.frames == tuple(valid[e.video]["frames"]) for e in exps)
+    with pytest.raises(ValueError, match="2 valid videos after filtering, expected 202"):
+        inference_videos(bench, expected_count=202)
+    (bench_copy / "meta_expressions" / "test" / "meta_expressions.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"meta_expressions/test/meta_expressions\.json"):
+        inference_videos(bench_copy)
+
+
+def test_load_video_and_gt(bench):
+    e = inference_expressions(bench)[0]
+    imgs, orig = load_video(bench, e.video, e.frames, short_side=96)
+    assert imgs.shape == (6, 3, 96, 160) and orig == (96, 160)
+    imgs, _ = load_video(bench, e.video, e.frames, short_side=120)
+    assert imgs.shape == (6, 3, 120, 200)  # Resize(120): the longer side is int(120 * 160 / 96), no cap
+    gt = load_gt_masks(bench, e.video, e.frames, e.obj_id)
+    pngs = np.stack([np.array(Image.open(bench / "valid" / "Annotations" / e.video / f"{f}.png")) for f in e.frames])
+    assert gt.dtype == torch.bool and torch.equal(gt, torch.from_numpy(pngs == int(e.obj_id))) and gt.any()
+
+
+def test_dataloader_batches(bench):
+    ds = dataset(bench)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_fn, drop_last=True)
+    batch = next(iter(loader))
+    assert batch.images.shape == (2, 4, 3, 96, 160) and batch.image_mask.shape == (2, 4, 96, 160)
+    assert not batch.image_mask.any() and len(batch.captions) == 2 and len(batch.targets) == 2
+
+
+def test_clip_without_valid_frame_is_redrawn(bench_copy):
+    """An expression whose object never appears (all masks empty) is replaced by a random sample."""
+    path = bench_copy / "meta_expressions" / "train" / "meta_expressions.json"
+    exps = json.loads(path.read_text())
+    vid = next(iter(exps["videos"]))
+    for exp in exps["videos"][vid]["expressions"].values():
+        exp["obj_id"] = "7"
+    path.write_text(json.dumps(exps))
+    meta_path = bench_copy / "train" / "meta.json"
+    objects = json.loads(meta_path.read_text())
+    objects["videos"][vid]["objects"]["7"] = {"category": "circle", "frames": []}
+    meta_path.write_text(json.dumps(objects))
+    ds = dataset(bench_copy)
+    assert ds.samples[0].video == vid and ds.samples[0].obj_id == "7"
+    _, t = ds[0]
+    assert t["video"] != vid and t["valid"].any()
+
+
+def corrupt_video_frames(root: Path, vid: str) -> Path:
+    frames = sorted((root / "train" / "JPEGImages" / vid).glob("*.jpg"))
+    for f in frames:
+        f.write_bytes(f.read_bytes()[:300])  # truncated JPEG
+    return frames[0]
+
+
+def test_truncated_jpeg_raises_naming_file(bench_copy):
+    ds = dataset(bench_copy)
+    first = corrupt_video_frames(bench_copy, ds.samples[0].video)
+    with pytest.raises(SampleError, match=rf"{first.parent}/\d+\.jpg: corrupt or unreadable image .*"
+                                          rf"video {ds.samples[0].video} exp_id 0"):
+        ds[0]
+
+
+def test_missing_mask_raises_naming_file(bench_copy):
+    ds = dataset(bench_copy)
+    vid = ds.samples[0].video
+    for png in (bench_copy / "train" / "Annotations" / vid).glob("*.png"):
+        png.unlink()
+    with pytest.raises(SampleError, match=rf"Annotations/{vid}/\d+\.png: missing annotation PNG \[video {vid}"):
+        ds[0]
+
+
+def test_expression_with_missing_object_raises_naming_file_and_id(bench_copy):
+    path = bench_copy / "meta_expressions" / "train" / "meta_expressions.json"
+    exps = json.loads(path.read_text())
+    vid = next(iter(exps["videos"]))
+    exps["videos"][vid]["expressions"]["1"]["obj_id"] = "42"
+    path.write_text(json.dumps(exps))
+    with pytest.raises(SampleError, match=rf"train/meta\.json: expression refers to an object missing from "
+                                          rf"meta\.json \[video {vid} exp_id 1 obj_id 42\]"):
+        dataset(bench_copy)
+    ds = dataset(bench_copy, skip_bad_samples=True)
+    assert ds.skipped == [{"file": str(bench_copy / "train" / "meta.json"),
+                           "id": f"video {vid} exp_id 1 obj_id 42",
+                           "reason": "expression refers to an object missing from meta.json", "index": None}]
+    assert all((s.video, s.exp_id) != (vid, "1") for s in ds.samples)
+
+
+def test_skip_bad_samples_records_and_serves_next(bench_copy, caplog):
+    ds = dataset(bench_copy, skip_bad_samples=True)
+    bad_vid = ds.samples[0].video
+    corrupt_video_frames(bench_copy, bad_vid)
+    first_good = next(i for i, s in enumerate(ds.samples) if s.video != bad_vid)
+    with caplog.at_level(logging.WARNING, logger="bifit.data.ytvos"):
+        _, t = ds[0]
+    assert (t["video"], t["exp_id"]) == (ds.samples[first_good].video, ds.samples[first_good].exp_id)
+    assert [r["index"] for r in ds.skipped] == list(range(first_good))  # each bad sample on the way, once
+    assert all(r["file"].endswith(".jpg") and bad_vid in r["file"] and bad_vid in r["id"] for r in ds.skipped)
+    assert all("corrupt or unreadable image" in r["reason"] for r in ds.skipped)
+    assert "skipping bad Ref-YouTube-VOS sample" in caplog.text
+    _, again = ds[0]
+    assert again["video"] == t["video"] and len(ds.skipped) == first_good  # deterministic, no duplicates
