@@ -26,7 +26,7 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -82,7 +82,7 @@ class DeformableDecoderLayer(nn.Module):
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
         )
         tgt = self.norm1(tgt + self.dropout1(attn))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 
@@ -154,10 +154,10 @@ class DeformableTransformer(nn.Module):
         """srcs/poses [(b t), c, h, w] per level; masks [(b t), h, w]; tgt [(b t), q, c]; query_pos [q, c]."""
         shapes = [tuple(src.shape[-2:]) for src in srcs]
         # [(b t), c, h, w] -> [(b t), (h w), c], concatenated over levels: [(b t), s, c]
-        src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
+        src_flat = torch.cat([src.permute(0, 2, 3, 1).flatten(1, 2) for src in srcs], 1)
         mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
         pos_flat = torch.cat(
-            [pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, pos in enumerate(poses)], 1
+            [pos.permute(0, 2, 3, 1).flatten(1, 2) + self.level_embed[lvl] for lvl, pos in enumerate(poses)], 1
         )
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
         sizes = spatial_shapes.prod(1)
@@ -171,7 +171,7 @@ class DeformableTransformer(nn.Module):
                                        valid_ratios, mask_flat, num_frames, bbox_embed)
         # the first three levels of memory back to maps [(b t), c, h, w] for the pixel decoder
         memory_maps = [
-            m.transpose(1, 2).reshape(m.shape[0], -1, h, w)
+            m.reshape(m.shape[0], h, w, -1).permute(0, 3, 1, 2)
             for m, (h, w) in zip(memory.split([h * w for h, w in shapes], 1)[:-1], shapes[:-1])
         ]
         return dict(hs=hs, init_reference=init_reference, references=refs, boxes=boxes, memory=memory_maps)

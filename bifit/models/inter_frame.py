@@ -24,7 +24,7 @@ class InterFrameLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [(t q), b, c]
         x = self.norm1(x + self.dropout1(self.self_attn(x, x, x, need_weights=False)[0]))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
         return self.norm2(x + self.dropout2(ffn))
 
 

@@ -20,16 +20,16 @@ class ConvNorm(nn.Conv2d):
         return F.relu(x) if self.relu else x
 
 
-def _to_seq(x: torch.Tensor, t: int) -> torch.Tensor:
-    """[(b t), c, h, w] -> [(t h w), b, c]."""
+def map_to_seq(x: torch.Tensor, t: int) -> torch.Tensor:
+    """[(b t), c, h, w] -> [(t h w), b, c] (a view when x is channels-last and b = 1)."""
     bt, c, h, w = x.shape
-    return x.view(bt // t, t, c, h * w).permute(1, 3, 0, 2).reshape(t * h * w, bt // t, c)
+    return x.permute(0, 2, 3, 1).reshape(bt // t, t * h * w, c).transpose(0, 1)
 
 
-def _to_map(x: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
-    """[(t h w), b, c] -> [(b t), c, h, w]."""
+def seq_to_map(x: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
+    """[(t h w), b, c] -> [(b t), c, h, w] (channels-last strides; a view when b = 1)."""
     b, c = x.shape[1], x.shape[2]
-    return x.view(t, h * w, b, c).permute(2, 0, 3, 1).reshape(b * t, c, h, w)
+    return x.reshape(t, h, w, b, c).permute(3, 0, 4, 1, 2).reshape(b * t, c, h, w)
 
 
 class VisionLanguageBlock(nn.Module):
@@ -56,17 +56,17 @@ class VisionLanguageBlock(nn.Module):
         qk = x + x_pos
         if self.sr_ratio > 1:
             size = (int(h / self.sr_ratio), int(w / self.sr_ratio))
-            q = _to_seq(F.interpolate(_to_map(qk, t, h, w), size=size, mode="nearest"), t)
-            v = _to_seq(F.interpolate(_to_map(x, t, h, w), size=size, mode="nearest"), t)
+            q = map_to_seq(F.interpolate(seq_to_map(qk, t, h, w), size=size, mode="nearest"), t)
+            v = map_to_seq(F.interpolate(seq_to_map(x, t, h, w), size=size, mode="nearest"), t)
             mask = F.interpolate(x_mask.reshape(b * t, h, w)[None].float(), size=size, mode="nearest").bool()[0]
             attn = self.self_attn(q, q, v, key_padding_mask=mask.reshape(b, -1), need_weights=False)[0]
-            attn = _to_seq(F.interpolate(_to_map(attn, t, *size), size=(h, w), mode="bilinear", align_corners=False), t)
+            attn = map_to_seq(F.interpolate(seq_to_map(attn, t, *size), size=(h, w), mode="bilinear", align_corners=False), t)
         else:
             attn = self.self_attn(qk, qk, x, key_padding_mask=x_mask, need_weights=False)[0]
         x = self.norm1(x + self.dropout1(attn))
         attn = self.multihead_attn(x + x_pos, text + text_pos, text, key_padding_mask=text_mask, need_weights=False)[0]
         x = self.norm2(x + self.dropout2(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
         return self.norm3(x + self.dropout3(ffn))
 
 
@@ -99,10 +99,10 @@ class CrossModalFPNDecoder(nn.Module):
             h, w = x.shape[-2:]
             x_mask = masks[i].reshape(-1, num_frames * h * w)  # [(b t), h, w] -> [b, (t h w)]
             x = getattr(self, f"cross_attn_{stage}")(
-                _to_seq(x, num_frames), x_mask, _to_seq(poses[i], num_frames), text, text_mask, text_pos,
+                map_to_seq(x, num_frames), x_mask, map_to_seq(poses[i], num_frames), text, text_mask, text_pos,
                 num_frames, h, w,
             )
-            x = _to_map(x, num_frames, h, w)
+            x = seq_to_map(x, num_frames, h, w)
             if y is not None:
                 x = x + F.interpolate(y, size=(h, w), mode="nearest")
             y = getattr(self, f"layer_{stage}")(x)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bifit.models.pixel_decoder import map_to_seq, seq_to_map
+
 
 class MultiplicativeCrossAttention(nn.Module):
     """x * MHA(query=x, key=memory + pos, value=memory) (no residual, no norm, dropout 0)."""
@@ -58,16 +60,13 @@ class VisionLanguageInteraction(nn.Module):
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, poses)):
             bt, c, h, w = src.shape
             b = bt // num_frames
-            # [(b t), c, h, w] -> [(t h w), b, c]
-            seq = src.view(b, num_frames, c, h * w).permute(1, 3, 0, 2).reshape(num_frames * h * w, b, c)
-            seq_pos = pos.view(b, num_frames, c, h * w).permute(1, 3, 0, 2).reshape(num_frames * h * w, b, c)
-            seq_mask = mask.view(b, num_frames * h * w)  # [b, (t h w)]
+            seq, seq_pos = map_to_seq(src, num_frames), map_to_seq(pos, num_frames)  # [(t h w), b, c]
+            seq_mask = mask.reshape(b, num_frames * h * w)  # [b, (t h w)]
             if self.bidirectional:
                 text = self.vision_to_text(text, seq, seq_mask, seq_pos)
             seq = self.text_to_vision(seq, text0, text_mask, text_pos)
             if record is not None:
                 record[f"text_fusion_module.{level}"] = text
                 record[f"fusion_module.{level}"] = seq
-            # [(t h w), b, c] -> [(b t), c, h, w]
-            fused.append(seq.view(num_frames, h * w, b, c).permute(2, 0, 3, 1).reshape(bt, c, h, w))
+            fused.append(seq_to_map(seq, num_frames, h, w))  # [(b t), c, h, w]
         return fused, text
