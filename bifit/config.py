@@ -118,6 +118,10 @@ class DataConfig:
     num_frames: int = 6
     train_scales: list[int] = field(default_factory=lambda: [288, 320, 352, 392, 416, 448, 480, 512])
     max_size: int = 640
+    crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    categories: Literal["ytvos", "synthetic"] = "ytvos"  # class list used to read category names
     eval_short_side: int = 360
     num_workers: int = 0
     skip_bad_samples: bool = False
@@ -128,6 +132,11 @@ class DataConfig:
                "a non-empty list of integers >= 32", self.train_scales)
         _check(self.max_size >= max(self.train_scales), f"{where}.max_size", ">= the largest train scale",
                self.max_size)
+        _check(1 <= self.crop_min <= self.crop_max, f"{where}.crop_min", f"1 <= crop_min <= crop_max ({self.crop_max})",
+               self.crop_min)
+        _check(len(self.crop_resize_scales) > 0 and min(self.crop_resize_scales) >= self.crop_min,
+               f"{where}.crop_resize_scales", f"a non-empty list of sizes >= crop_min ({self.crop_min})",
+               self.crop_resize_scales)
         _check(self.eval_short_side >= 32, f"{where}.eval_short_side", "an integer >= 32", self.eval_short_side)
         _check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
 
@@ -147,6 +156,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     clip_max_norm: float = 0.1
     amp: bool = True  # mixed precision on GPU only
+    skip_nonfinite_batches: bool = False  # true: skip a batch whose loss is NaN/inf (counted) instead of stopping
     max_steps_per_epoch: int | None = None
 
     def validate(self, where: str = "train"):
@@ -165,11 +175,14 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     threshold: float = 0.5
-    num_frames: int = 36  # clip length for whole-video inference windows
+    num_frames: int | None = None  # inference window in frames; null = the whole video in one pass (YTVOS)
+    batch_expressions: int = 8  # expressions of one video run together on its shared visual features
 
     def validate(self, where: str = "eval"):
         _check(0 < self.threshold < 1, f"{where}.threshold", "a float in (0, 1)", self.threshold)
-        _check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)
+        _check(self.num_frames is None or self.num_frames >= 1, f"{where}.num_frames", "null or an integer >= 1",
+               self.num_frames)
+        _check(self.batch_expressions >= 1, f"{where}.batch_expressions", "an integer >= 1", self.batch_expressions)
 
 
 @dataclass
@@ -183,11 +196,10 @@ class Config:
 
     def validate(self):
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f.name)
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
         return self
-
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _type_name(tp) -> str:
@@ -214,6 +226,10 @@ def _coerce(value: Any, tp, key: str):
     if origin is Literal:
         _check(value in args, key, _type_name(tp), value)
         return value
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
+               f"a list of {len(args)} values", value)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         _check(isinstance(value, list), key, f"a list of {_type_name(args[0])}", value)
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -234,23 +250,28 @@ def _coerce(value: Any, tp, key: str):
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def from_dict(cls, data: dict | None, where: str):
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types (`where`: key prefix)."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    prefix = f"{where}." if where else ""
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # a section's own __post_init__ checks
+        raise ConfigError(f"{where or 'top level'}: {err}") from None
 
 
-def load_config(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None,
-                overrides: dict | None = None) -> Config:
-    """Read the config sections of a params file (other top-level sections are left to their own loaders)."""
+def load_config(path: str | Path = "params.yaml", overrides: dict | None = None, cls=None):
+    """Read and validate a params file into `cls` (default `Config`; the pipeline passes a subclass that adds
+    its own sections). `overrides` maps dotted keys to values, e.g. {"train.epochs": 1}."""
+    cls = cls or Config
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -264,9 +285,7 @@ def load_config(path: str | Path = "params.yaml", sections: tuple[str, ...] | No
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
     try:
-        kwargs = {name: from_dict(tp if not isinstance(tp, str) else globals()[tp], raw.get(name), name)
-                  for name, tp in SECTIONS.items() if sections is None or name in sections}
-        return Config(**kwargs).validate()
+        return from_dict(cls, raw).validate()
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 

@@ -26,7 +26,8 @@ class VisualBackbone(nn.Module):
             raise ValueError(f"model.backbone: expected one of {sorted(ARCHS)}, got {name!r}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"model.dilation: {name} (BasicBlock) does not support dilation")
-        self.body = ResNetBody(name, dilation)
+        # channels-last kernels match the channels-last activations (no gradient layout copies under DDP)
+        self.body = ResNetBody(name, dilation).to(memory_format=torch.channels_last)
         if weights_path:
             load_torchvision_weights(self.body, weights_path)
         for pname, p in self.body.named_parameters():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,28 @@ from bifit.models.pixel_decoder import CrossModalFPNDecoder
 from bifit.models.position_encoding import sine_position_1d, sine_position_2d
 from bifit.models.text_encoder import FeatureResizer, text_hidden_size
 from bifit.models.vl_interaction import VisionLanguageInteraction
+
+
+@dataclass
+class VisualFeatures:
+    """Text-independent features of a batch of clips: backbone res2, every level's mask and position,
+    and the projected transformer inputs (all [(b t), ...])."""
+
+    num_frames: int
+    res2: torch.Tensor
+    masks: list[torch.Tensor]
+    poses: list[torch.Tensor]
+    srcs: list[torch.Tensor]
+    src_masks: list[torch.Tensor]
+    src_poses: list[torch.Tensor]
+
+    def repeat(self, n: int) -> VisualFeatures:
+        """The same clip(s) n times over the batch: [(b t), ...] -> [(n b t), ...]."""
+        def rep(x):
+            return x.repeat(n, *([1] * (x.dim() - 1)))
+
+        return VisualFeatures(self.num_frames, rep(self.res2), *[[rep(x) for x in xs] for xs in (
+            self.masks, self.poses, self.srcs, self.src_masks, self.src_poses)])
 
 
 def _resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
@@ -38,6 +61,8 @@ class BIFIT(nn.Module):
         self.text_encoder = text_encoder
         if cfg.freeze_text_encoder:
             self.text_encoder.requires_grad_(False)
+        if cfg.bidirectional_vl and getattr(self.text_encoder, "pooler", None) is not None:
+            self.text_encoder.pooler.requires_grad_(False)  # unused: the sentence comes from the fused text
         self.resizer = FeatureResizer(text_hidden_size(text_encoder), d, dropout=0.1)
         self.vl_interaction = VisionLanguageInteraction(d, cfg.nheads, bidirectional=cfg.bidirectional_vl)
 
@@ -91,11 +116,8 @@ class BIFIT(nn.Module):
             pooled = self.resizer(encoded.pooler_output)
         return text, attention_mask.ne(1), pooled
 
-    def forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices=None,
-                with_aux: bool = True, record: dict | None = None):
-        """images [b, t, 3, H, W]; image_mask [b, t, H, W] (True = padding); input_ids, attention_mask [b, l];
-        image_sizes [b, 2] unpadded (h, w); valid_indices [b] (A2D: the one annotated frame of each clip).
-        """
+    def encode_visual(self, images, image_mask, valid_indices=None) -> VisualFeatures:
+        """The text-independent part: backbone levels, their masks and positions, projected inputs."""
         b, t = images.shape[:2]
         dtype = images.dtype
         if valid_indices is not None:
@@ -104,17 +126,9 @@ class BIFIT(nn.Module):
             images, image_mask = images[rows, valid_indices][:, None], image_mask[rows, valid_indices][:, None]
             t = 1
         images, image_mask = images.flatten(0, 1), image_mask.flatten(0, 1)
-
         feats = self.backbone(images)  # res2..res5, [(b t), c_l, h_l, w_l]
         masks = [_resize_mask(image_mask, f.shape[-2:]) for f in feats]
         poses = [sine_position_2d(m, self.cfg.hidden_dim // 2, dtype=dtype) for m in masks]
-
-        text, text_mask, pooled = self.encode_text(input_ids, attention_mask)
-        text_seq = text.transpose(0, 1)  # [l, b, c]
-        text_pos = sine_position_1d(text_mask, self.cfg.hidden_dim, dtype=dtype)
-        if record is not None:
-            record.update(res5=feats[-1], resizer=text)
-
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats[-3:])]
         src_masks, src_poses = masks[-3:], poses[-3:]
         extra_in = feats[-1]
@@ -125,7 +139,25 @@ class BIFIT(nn.Module):
             src_masks.append(m)
             src_poses.append(sine_position_2d(m, self.cfg.hidden_dim // 2, dtype=dtype))
             extra_in = src
-        srcs, fused_text = self.vl_interaction(srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
+        return VisualFeatures(t, feats[0], masks, poses, srcs, src_masks, src_poses)
+
+    def forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices=None,
+                with_aux: bool = True, record: dict | None = None, visual: VisualFeatures | None = None):
+        """images [b, t, 3, H, W]; image_mask [b, t, H, W] (True = padding); input_ids, attention_mask [b, l];
+        image_sizes [b, 2] unpadded (h, w); valid_indices [b] (A2D: the one annotated frame of each clip).
+        visual: precomputed `encode_visual` output (e.g. one video shared by several expressions, repeated).
+        """
+        if visual is None:
+            visual = self.encode_visual(images, image_mask, valid_indices)
+        b, t = input_ids.shape[0], visual.num_frames
+        dtype = visual.res2.dtype
+        text, text_mask, pooled = self.encode_text(input_ids, attention_mask)
+        text_seq = text.transpose(0, 1)  # [l, b, c]
+        text_pos = sine_position_1d(text_mask, self.cfg.hidden_dim, dtype=dtype)
+        if record is not None:
+            record.update(resizer=text)
+        src_masks, src_poses = visual.src_masks, visual.src_poses
+        srcs, fused_text = self.vl_interaction(visual.srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
         if self.cfg.bidirectional_vl:
             sentence = self.vl_interaction.sentence_pool(fused_text.transpose(0, 1))  # [b, c]
         else:
@@ -136,7 +168,8 @@ class BIFIT(nn.Module):
         if record is not None:
             record.update(sentence=sentence, **{f"transformer.{k}": v for k, v in out.items()})
 
-        mask_features = self.pixel_decoder(feats[0], out["memory"], masks, poses, text_seq, text_mask, text_pos, t)
+        mask_features = self.pixel_decoder(visual.res2, out["memory"], visual.masks, visual.poses, text_seq, text_mask,
+                                           text_pos, t)
         if record is not None:
             record["mask_features"] = mask_features
         levels = range(len(out["hs"])) if with_aux else [len(out["hs"]) - 1]

@@ -1,0 +1,140 @@
+"""DVC stage `evaluate`: whole-video inference on the valid split, J / F / J&F, and the same checkpoint
+with the expressions shuffled between videos (a model that ignores language scores the same there).
+
+    python -m pipeline.evaluate [--params params.yaml]
+
+Writes metrics/ytvos.json (jf, j, f, jf_shuffled, ...), plots/ytvos_per_video.csv, the predicted masks
+(`paths.predictions/<video>/<exp_id>/<frame>.png`, 0/255 "L" PNGs at the original size) and logs the
+metrics to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from bifit.checkpoint import load_checkpoint, load_state_dict_strict
+from bifit.data import inference_expressions, load_gt_masks, load_video
+from bifit.eval.davis import boundary_measure, region_similarity
+from bifit.inference import predict_video
+from pipeline.config import PipelineConfig, load_pipeline_config
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def shuffled_captions(expressions, seed: int) -> list[str]:
+    """Each expression gets the caption of an expression of another video.
+
+    Expressions are grouped by video (videos in a seeded order) and the captions rotated by the largest
+    group size, which moves every caption to another video whenever no video holds over half of them.
+    """
+    videos = sorted({e.video for e in expressions})
+    random.Random(seed).shuffle(videos)
+    rank = {v: i for i, v in enumerate(videos)}
+    order = sorted(range(len(expressions)), key=lambda i: (rank[expressions[i].video], i))
+    largest = max(sum(e.video == v for e in expressions) for v in videos)
+    if 2 * largest > len(expressions):
+        raise ValueError(f"cannot move every expression to another video: one video holds {largest} of "
+                         f"{len(expressions)} expressions")
+    shuffled = [""] * len(expressions)
+    for k, i in enumerate(order):
+        shuffled[i] = expressions[order[(k + largest) % len(order)]].caption
+    return shuffled
+
+
+def build_from_checkpoint(cfg: PipelineConfig, path: Path):
+    from transformers import AutoTokenizer
+
+    from bifit.models import build_model
+
+    ckpt = load_checkpoint(path)
+    model = build_model(cfg.model)
+    load_state_dict_strict(model, ckpt["model"], f"checkpoint {path}")
+    return model.eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder), ckpt
+
+
+def save_masks(folder: Path, frames, masks: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, m in zip(frames, masks.numpy()):
+        Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(folder / f"{name}.png")
+
+
+def evaluate(cfg: PipelineConfig, model, tokenizer, out_dir: Path | None, max_expressions: int | None = None):
+    root = Path(cfg.data.root)
+    expressions = inference_expressions(root, "valid")[:max_expressions]
+    if any(e.obj_id is None for e in expressions):
+        raise ValueError(f"{root}/meta_expressions/valid: expressions without obj_id have no local ground truth; "
+                         "use the submission zip with the challenge server instead")
+    captions = {"": [e.caption for e in expressions], "_shuffled": shuffled_captions(expressions, cfg.train.seed)}
+    rows, per_video = [], defaultdict(list)
+    by_video = defaultdict(list)
+    for i, e in enumerate(expressions):
+        by_video[e.video].append(i)
+    bar = tqdm(total=len(expressions), desc="evaluate", unit="expr")
+    for video, idx in by_video.items():
+        first = expressions[idx[0]]
+        frames, orig_size = load_video(root, video, first.frames, "valid", short_side=cfg.data.eval_short_side)
+        preds = {suffix: predict_video(model, tokenizer, frames, [caps[i] for i in idx], orig_size,
+                                       cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions)
+                 for suffix, caps in captions.items()}
+        for k, i in enumerate(idx):
+            e = expressions[i]
+            gt = load_gt_masks(root, e.video, e.frames, e.obj_id, "valid").bool().numpy()
+            row = {"video": e.video, "exp_id": e.exp_id}
+            for suffix, pred in preds.items():
+                masks = pred[k].masks.numpy()
+                j = float(np.mean(region_similarity(gt, masks)))
+                f = float(np.mean(boundary_measure(gt, masks)))
+                row.update({f"j{suffix}": j, f"f{suffix}": f, f"jf{suffix}": (j + f) / 2})
+            if out_dir is not None:
+                save_masks(out_dir / e.video / e.exp_id, e.frames, preds[""][k].masks)
+            rows.append(row)
+            per_video[e.video].append(row["jf"])
+            bar.update(1)
+    bar.close()
+    metrics = {k: float(np.mean([r[k] for r in rows])) for k in ("jf", "j", "f", "jf_shuffled", "j_shuffled",
+                                                              "f_shuffled")}
+    metrics["jf_gain_over_shuffled"] = metrics["jf"] - metrics["jf_shuffled"]
+    metrics["num_expressions"] = len(rows)
+    return metrics, rows, {v: float(np.mean(s)) for v, s in per_video.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_pipeline_config(args.params)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tokenizer, ckpt = build_from_checkpoint(cfg, cfg.path("model"))
+    metrics, rows, per_video = evaluate(cfg, model, tokenizer, cfg.path("predictions"))
+    cfg.path("metrics").mkdir(parents=True, exist_ok=True)
+    cfg.path("plots").mkdir(parents=True, exist_ok=True)
+    (cfg.path("metrics") / "ytvos.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    with (cfg.path("plots") / "ytvos_per_video.csv").open("w") as fh:
+        fh.write("video,jf\n")
+        fh.writelines(f"{v},{s:.6f}\n" for v, s in sorted(per_video.items()))
+    run_id = ckpt.get("mlflow_run_id")
+    if run_id:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({f"ytvos_{k}": v for k, v in metrics.items()})
+            mlflow.log_artifact(str(cfg.path("plots") / "ytvos_per_video.csv"), artifact_path="plots")
+    log.info("J&F %.4f (J %.4f, F %.4f); with shuffled expressions J&F %.4f", metrics["jf"], metrics["j"],
+             metrics["f"], metrics["jf_shuffled"])
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""DVC stage `train`: BIFIT on Ray Train (DDP: gloo on CPU, nccl on GPU), logged to MLflow, resumable.
+
+    python -m pipeline.train [--params params.yaml]
+
+Checkpoints: every epoch, rank 0 writes `runs/train/<config hash>/epoch_NNNN.pth` atomically and
+reports it to Ray Train. A rerun with the same settings resumes from the newest readable checkpoint
+(Ray's own restored checkpoint first, then that folder); a corrupt file is skipped with a warning.
+The final model is written to `paths.model` (a DVC output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bifit.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from bifit.config import flatten, to_dict
+from pipeline.config import REPO, PipelineConfig, load_pipeline_config
+
+log = logging.getLogger("pipeline.train")
+CKPT_GLOB = "epoch_*.pth"
+
+
+def run_dir(cfg: PipelineConfig) -> Path:
+    return cfg.path("runs") / "train" / cfg.training_hash()
+
+
+def latest_checkpoint(folder: Path) -> dict | None:
+    """Newest readable checkpoint in `folder`; unreadable ones are reported and skipped."""
+    for path in sorted(folder.glob(CKPT_GLOB), reverse=True):
+        try:
+            ckpt = load_checkpoint(path)
+            ckpt["path"] = str(path)
+            return ckpt
+        except (CheckpointError, OSError, RuntimeError) as err:
+            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# worker side
+
+
+def _build(cfg: PipelineConfig):
+    from transformers import AutoTokenizer
+
+    from bifit.models import build_model
+    from bifit.models.criterion import build_criterion
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.text_encoder)
+    return tokenizer, build_model(cfg.model), build_criterion(cfg)
+
+
+def _dataset(cfg: PipelineConfig):
+    from bifit.data import SYNTHETIC_CATEGORIES, ResizeConfig, YTVOSDataset, make_train_transforms
+
+    d = cfg.data
+    resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
+                          crop_resize_scales=tuple(d.crop_resize_scales), crop_min=d.crop_min, crop_max=d.crop_max)
+    categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
+    return YTVOSDataset(d.root, "train", d.num_frames,
+                        transforms=make_train_transforms(resize), categories=categories,
+                        skip_bad_samples=d.skip_bad_samples)
+
+
+def _mlflow_logger(cfg: PipelineConfig, run_id: str | None):
+    if run_id is None:
+        return None
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    buffer: list = []
+
+    def log_metrics(step: int, values: dict, flush: bool = False):
+        ts = int(time.time() * 1000)
+        buffer.extend(Metric(k.replace("/", "_"), float(v), ts, step) for k, v in values.items())
+        if flush or len(buffer) >= 200 or step % cfg.mlflow.log_every_steps == 0:
+            client.log_batch(run_id, metrics=buffer[:])
+            buffer.clear()
+
+    return log_metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from bifit.data import collate_fn
+    from bifit.engine import build_optimizer, train_one_epoch
+
+    cfg: PipelineConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.ray.cpus_per_worker)
+    seed = cfg.train.seed + rank
+    random.seed(seed)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    device = ray.train.torch.get_device()
+
+    tokenizer, model, criterion = _build(cfg)
+    model.to(device)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    start_epoch, global_step = 0, 0
+    folder = Path(config["run_dir"])
+    ckpt = None
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is not None:
+        with ray_ckpt.as_directory() as d:
+            ckpt = latest_checkpoint(Path(d))
+    ckpt = ckpt or latest_checkpoint(folder)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+        if rank == 0:
+            print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch']} done)", flush=True)
+    torch.manual_seed(seed + 1000 * start_epoch)
+    model = ray.train.torch.prepare_model(model)
+
+    dataset = _dataset(cfg)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
+                        num_workers=cfg.data.num_workers, drop_last=True,
+                        persistent_workers=cfg.data.num_workers > 0)
+    steps_per_epoch = len(loader) if cfg.train.max_steps_per_epoch is None else min(
+        len(loader), cfg.train.max_steps_per_epoch)
+    log_metrics = _mlflow_logger(cfg, config.get("mlflow_run_id")) if rank == 0 else None
+    loss_csv = Path(config["loss_csv"])
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        bar = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", file=sys.stdout,
+                       mininterval=5, dynamic_ncols=False, ncols=100)
+
+        def on_step(step, values, bar=bar):
+            if rank != 0:
+                return
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            log_metrics and log_metrics(step, values)
+            with loss_csv.open("a") as fh:
+                fh.write(f"{step},{epoch},{values['loss']:.6f},{values['loss_mask']:.6f},{values['loss_dice']:.6f}\n")
+
+        stats = train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch,
+                                cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
+                                skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
+                                on_step=on_step, global_step=global_step)
+        global_step = stats["global_step"]
+        scheduler.step()
+        metrics = {f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+        metrics["clips_per_s_total"] = stats["clips_per_s"] * world
+        if rank == 0:
+            bar.close()
+            state = {"format": "bifit-checkpoint-v1", "model": getattr(model, "module", model).state_dict(),
+                     "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
+                     "metrics": metrics, "mlflow_run_id": config.get("mlflow_run_id")}
+            path = folder / f"epoch_{epoch:04d}.pth"
+            atomic_save(state, path)
+            if log_metrics:
+                log_metrics(global_step, {f"epoch_{k}": v for k, v in metrics.items()}, flush=True)
+            print(f"[bifit] epoch {epoch + 1}: loss {stats.get('loss', float('nan')):.4f}, "
+                  f"{metrics['clips_per_s_total']:.2f} clips/s; checkpoint {path}", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                os.link(path, Path(tmp) / path.name) if _same_fs(path, tmp) else shutil.copy(path, tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def _same_fs(a: Path, b: str) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver side
+
+
+def start_mlflow_run(cfg: PipelineConfig, folder: Path) -> str:
+    """The MLflow run of this training (reused when the stage resumes)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+    id_file = folder / "mlflow_run_id"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        cfg.mlflow.experiment, artifact_location=(REPO / cfg.mlflow.artifact_location).as_uri())
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{cfg.training_hash()}") as run:
+        params = flatten(cfg.training_dict())
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.set_tags({"stage": "train", "config_hash": cfg.training_hash(),
+                         "inter_frame_layers": cfg.model.inter_frame_layers,
+                         "bidirectional_vl": cfg.model.bidirectional_vl})
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> dict:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    folder = run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+    run_id = start_mlflow_run(cfg, folder)
+    loss_csv = folder / "loss.csv"
+    done = latest_checkpoint(folder)
+    if done is None and loss_csv.exists():
+        loss_csv.unlink()
+    if not loss_csv.exists():
+        loss_csv.write_text("step,epoch,loss,loss_mask,loss_dice\n")
+    log.info("run folder %s; MLflow run %s at %s (browse: mlflow ui --backend-store-uri %s)", folder, run_id,
+             cfg.mlflow.resolved_uri(), cfg.mlflow.resolved_uri())
+
+    address = cfg.ray.resolved_address()
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs = dict(ray_init_kwargs or {})
+        if address:
+            kwargs["address"] = address
+        else:
+            # one logical CPU more than the workers take, for Ray Train's controller actors
+            kwargs.setdefault("num_cpus", cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1)
+        kwargs.setdefault("include_dashboard", False)
+        kwargs.setdefault("log_to_driver", True)
+        ray.init(**kwargs)
+    t0 = time.time()
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg, "run_dir": str(folder), "mlflow_run_id": run_id,
+                               "loss_csv": str(loss_csv)},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+            run_config=RunConfig(name=f"bifit-train-{cfg.training_hash()}",
+                                 storage_path=str(REPO / cfg.ray.storage_path),
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+        )
+        result = trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    final = latest_checkpoint(folder)
+    if final is None or final["epoch"] != cfg.train.epochs - 1:
+        raise RuntimeError(f"training did not finish: newest checkpoint in {folder} is "
+                           f"{final and final['path']}; Ray result error: {getattr(result, 'error', None)}")
+    return {"final": final, "run_id": run_id, "seconds": time.time() - t0, "folder": folder, "loss_csv": loss_csv}
+
+
+def export(cfg: PipelineConfig, out: dict) -> None:
+    """Write the DVC outputs: the final model, train metrics and the loss curve; log them to MLflow."""
+    import mlflow
+
+    final = out["final"]
+    model_path = cfg.path("model")
+    atomic_save({"format": final["format"], "model": final["model"], "config": final["config"],
+                 "epoch": final["epoch"], "mlflow_run_id": out["run_id"], "metrics": final["metrics"]}, model_path)
+    metrics_dir, plots_dir = cfg.path("metrics"), cfg.path("plots")
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in final["metrics"].items()}
+    metrics["wall_seconds_this_run"] = out["seconds"]
+    (metrics_dir / "train.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    shutil.copy(out["loss_csv"], plots_dir / "train_loss.csv")
+    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+    with mlflow.start_run(run_id=out["run_id"]):
+        mlflow.log_artifact(str(model_path), artifact_path="model")
+        mlflow.log_artifact(str(plots_dir / "train_loss.csv"), artifact_path="plots")
+    log.info("final model %s (epoch %d); MLflow run %s", model_path, final["epoch"] + 1, out["run_id"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_pipeline_config(args.params)  # every bad value is reported before Ray starts
+    out = run_training(cfg)
+    export(cfg, out)
+
+
+if __name__ == "__main__":
+    main()
