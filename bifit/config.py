@@ -281,13 +281,34 @@ def load_config(path: str | Path = "params.yaml", overrides: dict | None = None,
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if overrides and "overlay" in overrides:
+        raw["overlay"] = overrides["overlay"]
+    overlay = raw.pop("overlay", None)
+    if overlay:
+        overlay_path = Path(overlay) if Path(overlay).is_absolute() else path.parent / overlay
+        try:
+            extra = yaml.safe_load(overlay_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: overlay: cannot read {overlay_path} ({err})") from err
+        if not isinstance(extra, dict) or "overlay" in extra:
+            raise ConfigError(f"{overlay_path}: expected a mapping of sections without its own overlay")
+        raw = _deep_merge(raw, extra)
     for key, value in (overrides or {}).items():
+        if key == "overlay":
+            continue
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
     try:
         return from_dict(cls, raw).validate()
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg) -> dict:

@@ -42,12 +42,15 @@ def shuffled_captions(expressions, seed: int) -> list[str]:
     rank = {v: i for i, v in enumerate(videos)}
     order = sorted(range(len(expressions)), key=lambda i: (rank[expressions[i].video], i))
     largest = max(sum(e.video == v for e in expressions) for v in videos)
-    if 2 * largest > len(expressions):
-        raise ValueError(f"cannot move every expression to another video: one video holds {largest} of "
-                         f"{len(expressions)} expressions")
-    shuffled = [""] * len(expressions)
+    shift = min(largest, len(order) - 1) if len(order) > 1 else 0
+    shuffled, stayed = [""] * len(expressions), 0
     for k, i in enumerate(order):
-        shuffled[i] = expressions[order[(k + largest) % len(order)]].caption
+        j = order[(k + shift) % len(order)]
+        shuffled[i] = expressions[j].caption
+        stayed += expressions[j].video == expressions[i].video
+    if stayed:
+        log.warning("shuffled control: %d of %d expressions kept a caption of their own video (one video holds "
+                    "%d of them)", stayed, len(expressions), largest)
     return shuffled
 
 

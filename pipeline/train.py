@@ -29,6 +29,14 @@ from pipeline.config import REPO, PipelineConfig, load_pipeline_config
 
 log = logging.getLogger("pipeline.train")
 CKPT_GLOB = "epoch_*.pth"
+LOSS_HEADER = "step,epoch,loss,loss_mask,loss_dice\n"
+
+
+def truncate_loss_csv(path: Path, last_step: int) -> None:
+    """Keep the rows up to the step we resume from (later ones will be trained again)."""
+    rows = path.read_text().splitlines()[1:] if path.exists() else []
+    kept = [r for r in rows if r and int(r.split(",")[0]) <= last_step]
+    path.write_text(LOSS_HEADER + "".join(r + "\n" for r in kept))
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
@@ -114,19 +122,25 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer, scheduler = build_optimizer(model, cfg.train)
     start_epoch, global_step = 0, 0
     folder = Path(config["run_dir"])
-    ckpt = None
+    ckpt = latest_checkpoint(folder)
     ray_ckpt = ray.train.get_checkpoint()
-    if ray_ckpt is not None:
+    if ray_ckpt is not None:  # Ray's restored checkpoint wins when it is newer than the run folder's
         with ray_ckpt.as_directory() as d:
-            ckpt = latest_checkpoint(Path(d))
-    ckpt = ckpt or latest_checkpoint(folder)
+            restored = latest_checkpoint(Path(d))
+            if restored is not None and (ckpt is None or restored["epoch"] > ckpt["epoch"]):
+                ckpt = restored
+                if rank == 0:
+                    copy = folder / Path(restored["path"]).name
+                    atomic_save({k: v for k, v in restored.items() if k != "path"}, copy)
+                    ckpt["path"] = str(copy)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
         if rank == 0:
-            print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch']} done)", flush=True)
+            print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch'] + 1} done)", flush=True)
+            truncate_loss_csv(Path(config["loss_csv"]), global_step)
     torch.manual_seed(seed + 1000 * start_epoch)
     model = ray.train.torch.prepare_model(model)
 
@@ -150,12 +164,13 @@ def train_loop_per_worker(config: dict) -> None:
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", file=sys.stdout,
                        mininterval=5, dynamic_ncols=False, ncols=100)
 
-        def on_step(step, values, bar=bar):
+        def on_step(step, values, bar=bar, epoch=epoch):
             if rank != 0:
                 return
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            log_metrics and log_metrics(step, values)
+            if log_metrics:
+                log_metrics(step, values)
             with loss_csv.open("a") as fh:
                 fh.write(f"{step},{epoch},{values['loss']:.6f},{values['loss_mask']:.6f},{values['loss_dice']:.6f}\n")
 
@@ -228,11 +243,8 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> di
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
     run_id = start_mlflow_run(cfg, folder)
     loss_csv = folder / "loss.csv"
-    done = latest_checkpoint(folder)
-    if done is None and loss_csv.exists():
-        loss_csv.unlink()
-    if not loss_csv.exists():
-        loss_csv.write_text("step,epoch,loss,loss_mask,loss_dice\n")
+    if not loss_csv.exists() or latest_checkpoint(folder) is None:
+        loss_csv.write_text(LOSS_HEADER)
     log.info("run folder %s; MLflow run %s at %s (browse: mlflow ui --backend-store-uri %s)", folder, run_id,
              cfg.mlflow.resolved_uri(), cfg.mlflow.resolved_uri())
 
