@@ -11,8 +11,16 @@ def _write(tmp_path, text):
 
 
 def test_repository_params_load():
-    cfg = load_config(REPO / "params.yaml")
+    """params.yaml carries the pipeline's sections too, so it loads through the pipeline's config class."""
+    from pipeline.config import PipelineConfig
+
+    cfg = load_config(REPO / "params.yaml", cls=PipelineConfig)
     assert cfg.model.hidden_dim % cfg.model.nheads == 0
+
+
+def test_library_config_rejects_pipeline_sections_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['ray'\]"):
+        load_config(_write(tmp_path, "ray:\n  num_workers: 2\n"))
 
 
 @pytest.mark.parametrize("text,message", [
