@@ -1,0 +1,453 @@
+"""Sweep stage `tune`: the module ablations on Ray Tune, one MLflow child run per trial.
+
+    python -m pipeline.tune [--params params.yaml]        # or: dvc repro sweeps/dvc.yaml
+
+Every combination of `tune.grid` (default: model.inter_frame_layers {0, 1, 2} x model.bidirectional_vl
+{false, true}) is a variant; every variant is trained once per `tune.seeds` entry. A trial is a Ray Tune
+function trainable that launches the train stage's Ray Train `TorchTrainer` (pipeline.train.run_training,
+`tune.num_workers` x `tune.cpus_per_worker`, `tune.trial_overrides` as the training budget), then evaluates
+the final checkpoint on the Ref-YouTube-VOS valid split (pipeline.evaluate.evaluate) and reports J&F, J, F,
+the shuffled-expression control, wall time and parameter count. `tune.max_concurrent_trials` run at once;
+Ray starts locally unless RAY_ADDRESS (or ray.address) names a cluster.
+
+Resume: a finished trial writes `<tune.storage_path>/results/<trial key>.json` (the key hashes the trial's
+training and evaluation settings); a rerun reports stored trials without training them again, and an
+unfinished trial resumes from its newest epoch checkpoint (`<tune.storage_path>/train/<training hash>/`).
+
+Outputs (`tune.results_dir`): trials.csv (every trial), variants.csv (mean and std over seeds per variant),
+results.md (both tables), summary.json (the DVC metrics). MLflow (`tune.experiment`): a parent run for the
+sweep and one child run per trial tagged with `variant`, `seed` and every searched key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bifit.config import ConfigError, flatten, from_dict, to_dict
+from bifit.report import format_mean_std, group_rows, markdown_table, write_csv
+from pipeline.config import REPO, PipelineConfig, load_pipeline_config
+
+log = logging.getLogger("pipeline.tune")
+METRICS = ("jf", "j", "f", "jf_shuffled", "jf_gain_over_shuffled")
+SUMMARY_METRICS = METRICS + ("train_loss", "wall_seconds")
+RESULT_FORMAT = "bifit-tune-trial-v1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan: variants x seeds -> validated trial configurations
+
+
+@dataclass
+class TrialSpec:
+    variant: dict  # searched key -> value
+    seed: int
+    cfg: PipelineConfig  # the trial's full settings
+    key: str  # hash of the training and evaluation settings (the results store key)
+
+    @property
+    def name(self) -> str:
+        return variant_name(self.variant)
+
+
+def _short(key: str, keys) -> str:
+    """'model.inter_frame_layers' -> 'inter_frame_layers' unless two searched keys end the same."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def _value_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def variant_name(variant: dict) -> str:
+    """{'model.inter_frame_layers': 0, 'model.bidirectional_vl': True} -> 'inter_frame_layers=0 bidirectional_vl=true'."""
+    return " ".join(f"{_short(k, variant)}={_value_text(v)}" for k, v in variant.items())
+
+
+def grid_variants(grid: dict) -> list[dict]:
+    """The cartesian product of the grid, first key slowest."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def trial_config(cfg: PipelineConfig, variant: dict, seed: int) -> PipelineConfig:
+    """The base settings with the trial budget, the variant, the seed and the per-trial Ray resources."""
+    d = to_dict(cfg)
+    for key, value in {**cfg.tune.trial_overrides, **variant, "train.seed": seed}.items():
+        section, _, name = key.partition(".")
+        d[section][name] = value
+    storage = _absolute(cfg.tune.storage_path)
+    d["ray"].update(num_workers=cfg.tune.num_workers, cpus_per_worker=cfg.tune.cpus_per_worker,
+                    use_gpu=cfg.tune.use_gpu, storage_path=str(storage / "ray-train"))
+    d["paths"]["runs"] = str(storage)  # the run folders: <storage>/train/<training hash>
+    d["mlflow"]["experiment"] = cfg.tune.experiment
+    return from_dict(PipelineConfig, d).validate()
+
+
+def trial_key(cfg: PipelineConfig) -> str:
+    evaluation = {"eval": to_dict(cfg.eval), "eval_short_side": cfg.data.eval_short_side,
+                  "max_expressions": cfg.tune.eval_max_expressions}
+    blob = json.dumps({"training": cfg.training_dict(), "evaluation": evaluation}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan_trials(cfg: PipelineConfig, source: str = "params.yaml") -> list[TrialSpec]:
+    """Every (variant, seed), validated before Ray starts: a bad combination names the grid key and value."""
+    trials = []
+    for variant in grid_variants(cfg.tune.grid):
+        for seed in cfg.tune.seeds:
+            try:
+                tcfg = trial_config(cfg, variant, seed)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: tune.grid: the variant {variant_name(variant)} (seed {seed}) is not a "
+                                  f"valid configuration: {err}") from None
+            trials.append(TrialSpec(variant, seed, tcfg, trial_key(tcfg)))
+    return trials
+
+
+def sweep_hash(cfg: PipelineConfig) -> str:
+    """Identifies the sweep: the base training settings, evaluation and the tune section."""
+    blob = json.dumps({"training": cfg.training_dict(), "eval": to_dict(cfg.eval), "tune": to_dict(cfg.tune)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _absolute(p: str) -> Path:
+    return Path(p) if Path(p).is_absolute() else REPO / p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the results store (finished trials)
+
+
+def result_path(cfg: PipelineConfig, key: str) -> Path:
+    return _absolute(cfg.tune.storage_path) / "results" / f"{key}.json"
+
+
+def read_result(path: Path) -> dict | None:
+    """A stored finished trial, or None when absent; an unreadable file is reported and ignored."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("%s: unreadable trial result (%s); the trial runs again", path, err)
+        return None
+    if result.get("format") != RESULT_FORMAT or not isinstance(result.get("metrics"), dict):
+        log.warning("%s: not a %s file; the trial runs again", path, RESULT_FORMAT)
+        return None
+    return result
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow
+
+
+def _experiment_id(client, cfg: PipelineConfig) -> str:
+    exp = client.get_experiment_by_name(cfg.tune.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(cfg.tune.experiment, artifact_location=_absolute(cfg.mlflow.artifact_location)
+                                    .as_uri())
+
+
+def start_parent_run(cfg: PipelineConfig, sweep: str, folder: Path) -> str:
+    """The sweep's MLflow run (reused, and marked running again, when the sweep resumes)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    id_file = folder / "mlflow_parent_run_id"
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(_experiment_id(client, cfg), run_name=f"sweep-{sweep}",
+                            tags={"stage": "tune", "sweep": sweep, "kind": "sweep"})
+    params = {"grid": json.dumps(cfg.tune.grid), "seeds": json.dumps(cfg.tune.seeds),
+              "trial_overrides": json.dumps(cfg.tune.trial_overrides),
+              "eval_max_expressions": str(cfg.tune.eval_max_expressions)}
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value[:500])
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def start_child_run(spec: TrialSpec, parent_run_id: str, sweep: str, folder: Path) -> str:
+    """The trial's MLflow run, a child of the sweep's run; its id file makes run_training log into it."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    id_file = folder / "mlflow_run_id"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    cfg = spec.cfg
+    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    tags = {"mlflow.parentRunId": parent_run_id, "stage": "tune", "kind": "trial", "sweep": sweep,
+            "variant": spec.name, "seed": str(spec.seed), "trial_key": spec.key,
+            "config_hash": cfg.training_hash(),
+            **{k: _value_text(v) for k, v in spec.variant.items()}}
+    run = client.create_run(_experiment_id(client, cfg), run_name=f"{spec.name} seed={spec.seed}", tags=tags)
+    params = flatten(cfg.training_dict())
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one trial (runs inside a Ray Tune trial actor)
+
+
+def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
+    """Train through the train stage's Ray Train code, evaluate, store and log the result."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import build_from_checkpoint, evaluate
+    from pipeline.train import run_dir, run_training
+
+    cfg = spec.cfg
+    folder = run_dir(cfg)
+    run_id = start_child_run(spec, parent_run_id, sweep, folder)
+    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    t0 = time.time()
+    try:
+        out = run_training(cfg)
+        torch.set_num_threads(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+        model, tokenizer, _ = build_from_checkpoint(cfg, Path(out["final"]["path"]))
+        metrics, _, per_video = evaluate(cfg, model, tokenizer, None, cfg.tune.eval_max_expressions)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    result = {
+        "format": RESULT_FORMAT, "key": spec.key, "variant": spec.name, "grid": spec.variant, "seed": spec.seed,
+        "metrics": metrics, "per_video_jf": per_video,
+        "train_loss": float(out["final"]["metrics"].get("train_loss", math.nan)),
+        "train_steps": int(out["final"]["metrics"].get("train_steps", 0)),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "wall_seconds": time.time() - t0, "checkpoint": out["final"]["path"], "mlflow_run_id": run_id,
+        "training_hash": cfg.training_hash(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    client.log_batch(run_id, metrics=_mlflow_metrics(result))
+    client.set_tag(run_id, "checkpoint", result["checkpoint"])
+    client.set_terminated(run_id, status="FINISHED")
+    write_result(result_path(cfg, spec.key), result)
+    return result
+
+
+def _mlflow_metrics(result: dict) -> list:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    values = {f"ytvos_{k}": v for k, v in result["metrics"].items()}
+    values.update(wall_seconds=result["wall_seconds"], num_parameters=result["num_parameters"],
+                  final_train_loss=result["train_loss"])
+    return [Metric(k, float(v), ts, 0) for k, v in values.items() if isinstance(v, (int, float))]
+
+
+def run_trial(config: dict, specs: dict, parent_run_id: str, sweep: str) -> None:
+    """The Ray Tune function trainable: `config` holds the searched values and the seed."""
+    import ray.tune
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec = specs[_config_id(config)]
+    stored = read_result(result_path(spec.cfg, spec.key))
+    if stored is not None:
+        print(f"[bifit] {spec.name} seed {spec.seed}: finished earlier (trial {spec.key}), not trained again",
+              flush=True)
+        result, reused = stored, True
+    else:
+        result, reused = train_and_evaluate(spec, parent_run_id, sweep), False
+    ray.tune.report({**{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+                     "train_loss": result["train_loss"], "wall_seconds": result["wall_seconds"],
+                     "num_parameters": result["num_parameters"], "reused": reused, "trial_key": spec.key})
+
+
+def _config_id(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: str = "params.yaml") -> dict:
+    """Plan, run the missing trials on Ray Tune, write the tables. Returns {"trials", "variants", "failed", ...}."""
+    trials = plan_trials(cfg, source)  # every bad value is reported before Ray starts
+    sweep = sweep_hash(cfg)
+    storage = _absolute(cfg.tune.storage_path)
+    sweep_dir = storage / "sweeps" / sweep
+    parent_run_id = start_parent_run(cfg, sweep, sweep_dir)
+    (sweep_dir / "plan.json").write_text(json.dumps(
+        [{"variant": t.name, "grid": t.variant, "seed": t.seed, "key": t.key} for t in trials], indent=1))
+    todo = [t for t in trials if read_result(result_path(t.cfg, t.key)) is None]
+    log.info("sweep %s: %d variants x %d seeds = %d trials, %d already finished; MLflow parent run %s "
+             "(experiment %s)", sweep, len(trials) // len(cfg.tune.seeds), len(cfg.tune.seeds), len(trials),
+             len(trials) - len(todo), parent_run_id, cfg.tune.experiment)
+
+    t0 = time.time()
+    errors: dict[str, str] = {}
+    if todo:
+        errors = _run_tuner(cfg, trials, parent_run_id, sweep, storage, ray_init_kwargs)
+    rows, failed = [], []
+    for t in trials:
+        result = read_result(result_path(t.cfg, t.key))
+        if result is None:
+            failed.append({"variant": t.name, "seed": t.seed, "key": t.key,
+                           "error": errors.get(t.key, "no result stored (see the Ray Tune log)")})
+            continue
+        rows.append(trial_row(result, cfg.tune.grid))
+    variants = group_rows(rows, "variant", SUMMARY_METRICS + ("num_parameters",), keep=list(cfg.tune.grid))
+    out_dir = _absolute(cfg.tune.results_dir)
+    write_tables(cfg, sweep, rows, variants, failed, out_dir)
+    _finish_parent_run(cfg, parent_run_id, out_dir, variants, failed)
+    log.info("sweep %s: %d trials in the table, %d failed, %.0f s; tables in %s", sweep, len(rows), len(failed),
+             time.time() - t0, out_dir)
+    return {"trials": rows, "variants": variants, "failed": failed, "sweep": sweep, "parent_run_id": parent_run_id,
+            "out_dir": out_dir}
+
+
+def _run_tuner(cfg, trials, parent_run_id, sweep, storage, ray_init_kwargs) -> dict[str, str]:
+    import ray
+    import ray.tune
+
+    specs = {_config_id({**t.variant, "seed": t.seed}): t for t in trials}
+    tc = cfg.tune
+    address = cfg.ray.resolved_address()
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs = dict(ray_init_kwargs or {})
+        if address:
+            kwargs["address"] = address
+        else:  # per running trial: its driver (evaluates) + the Ray Train workers
+            kwargs.setdefault("num_cpus", tc.max_concurrent_trials * (1 + tc.num_workers * tc.cpus_per_worker))
+        kwargs.setdefault("include_dashboard", False)
+        ray.init(**kwargs)
+    try:
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, specs=specs, parent_run_id=parent_run_id, sweep=sweep), {"cpu": 1})
+        param_space = {k: ray.tune.grid_search(v) for k, v in tc.grid.items()}
+        param_space["seed"] = ray.tune.grid_search(list(tc.seeds))
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=tc.max_concurrent_trials),
+            run_config=ray.tune.RunConfig(name=f"sweep-{sweep}", storage_path=str(storage / "ray-tune"),
+                                          failure_config=ray.tune.FailureConfig(max_failures=tc.max_failures)),
+        )
+        grid = tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    errors = {}
+    for result in grid:
+        if result.error is not None:
+            spec = specs.get(_config_id({k: result.config[k] for k in [*tc.grid, "seed"]}))
+            if spec is not None:
+                errors[spec.key] = str(result.error).strip().splitlines()[-1][:300]
+    return errors
+
+
+def trial_row(result: dict, grid: dict) -> dict:
+    """One table row of a stored trial."""
+    m = result["metrics"]
+    row = {"variant": result["variant"], **{k: result["grid"].get(k) for k in grid}, "seed": result["seed"]}
+    row.update({k: m.get(k, math.nan) for k in METRICS})
+    row.update(num_expressions=m.get("num_expressions"), train_loss=result["train_loss"],
+               train_steps=result["train_steps"], num_parameters=result["num_parameters"],
+               wall_seconds=result["wall_seconds"], mlflow_run_id=result["mlflow_run_id"], trial_key=result["key"])
+    return row
+
+
+def write_tables(cfg, sweep: str, rows: list[dict], variants: list[dict], failed: list[dict], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_keys = list(cfg.tune.grid)
+    write_csv(out_dir / "trials.csv", rows)
+    write_csv(out_dir / "variants.csv", variants)
+    summary = {"sweep": sweep, "num_trials": len(rows), "num_failed": len(failed),
+               "variants": {v["variant"]: {"n": v["n"], **{f"{m}_{s}": _json_float(v[f"{m}_{s}"])
+                                                          for m in METRICS for s in ("mean", "std")}}
+                            for v in variants}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "results.md").write_text(results_markdown(cfg, sweep, rows, variants, failed, grid_keys))
+
+
+def _json_float(x: float):
+    return None if math.isnan(x) else round(x, 6)
+
+
+def results_markdown(cfg, sweep, rows, variants, failed, grid_keys) -> str:
+    short = [_short(k, grid_keys) for k in grid_keys]
+    lines = [f"# Ablation sweep `{sweep}`\n",
+             f"Grid: {', '.join(f'`{k}` {json.dumps(v)}' for k, v in cfg.tune.grid.items())}; seeds "
+             f"{cfg.tune.seeds}; per-trial budget {json.dumps(cfg.tune.trial_overrides)}; evaluation on "
+             f"{rows[0]['num_expressions'] if rows else '?'} Ref-YouTube-VOS valid expressions "
+             f"(`{cfg.data.root}`). Mean ± sample standard deviation over seeds.\n",
+             "## Per variant\n"]
+    headers = short + ["seeds", "J&F", "J", "F", "J&F shuffled", "train loss", "parameters", "wall s"]
+    lines.append(markdown_table(headers, [
+        [*(v[k] for k in grid_keys), v["n"], *(format_mean_std(v[f"{m}_mean"], v[f"{m}_std"])
+                                               for m in ("jf", "j", "f", "jf_shuffled", "train_loss")),
+         f"{v['num_parameters_mean']:,.0f}", format_mean_std(v["wall_seconds_mean"], v["wall_seconds_std"], 0)]
+        for v in variants]))
+    lines.append("\n## Every trial\n")
+    headers = short + ["seed", "J&F", "J", "F", "J&F shuffled", "train loss", "steps", "parameters", "wall s",
+                       "MLflow run"]
+    lines.append(markdown_table(headers, [
+        [*(r[k] for k in grid_keys), r["seed"], r["jf"], r["j"], r["f"], r["jf_shuffled"], r["train_loss"],
+         r["train_steps"], f"{r['num_parameters']:,}", f"{r['wall_seconds']:.0f}", r["mlflow_run_id"][:12]]
+        for r in rows]))
+    if failed:
+        lines.append("\n## Failed trials\n")
+        lines.append(markdown_table(["variant", "seed", "error"], [[f["variant"], f["seed"], f["error"]]
+                                                                   for f in failed]))
+    return "\n".join(lines)
+
+
+def _finish_parent_run(cfg, run_id: str, out_dir: Path, variants: list[dict], failed: list[dict]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    for name in ("results.md", "trials.csv", "variants.csv", "summary.json"):
+        client.log_artifact(run_id, str(out_dir / name), artifact_path="tables")
+    best = max((v for v in variants if not math.isnan(v["jf_mean"])), key=lambda v: v["jf_mean"], default=None)
+    if best is not None:
+        client.log_metric(run_id, "best_jf_mean", best["jf_mean"])
+        client.set_tag(run_id, "best_variant", best["variant"])
+    client.log_metric(run_id, "num_failed_trials", len(failed))
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_pipeline_config(args.params)
+    out = run_sweep(cfg, source=args.params)
+    print((out["out_dir"] / "results.md").read_text())
+    if out["failed"]:
+        raise SystemExit(f"{len(out['failed'])} trial(s) failed: "
+                         + "; ".join(f"{f['variant']} seed {f['seed']}: {f['error']}" for f in out["failed"]))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The ablation sweep at toy size: plan validation, a 2-variant x 2-seed Ray Tune sweep, tables, MLflow runs, resume."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.pipeline.test_chain import _params
+
+SWEEP = dict(grid={"model.inter_frame_layers": [0, 1]}, seeds=[0, 1],
+             trial_overrides={"train.epochs": 1, "train.max_steps_per_epoch": 2}, eval_max_expressions=4,
+             max_concurrent_trials=2, num_workers=1, cpus_per_worker=1, max_failures=0,
+             experiment="toy-ablations", storage_path="{tmp}/tune", results_dir="{tmp}/tune-results")
+
+
+def _sweep_params(tmp, **changes):
+    path = _params(tmp)
+    raw = yaml.safe_load(path.read_text())
+    raw["tune"] = json.loads(json.dumps({**SWEEP, **changes}).replace("{tmp}", str(tmp)))
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _read_csv(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_default_plan_is_six_variants_times_two_seeds():
+    from pipeline.config import load_pipeline_config
+    from pipeline.tune import plan_trials
+
+    cfg = load_pipeline_config(REPO / "params.yaml")
+    trials = plan_trials(cfg)
+    assert len(trials) == 12 and len({t.key for t in trials}) == 12
+    assert {t.name for t in trials} == {f"inter_frame_layers={i} bidirectional_vl={b}"
+                                        for i in (0, 1, 2) for b in ("false", "true")}
+    t = trials[0]
+    assert t.cfg.train.epochs == cfg.tune.trial_overrides["train.epochs"] and t.cfg.train.seed == cfg.tune.seeds[0]
+    assert t.cfg.ray.num_workers == cfg.tune.num_workers
+    assert t.cfg.training_hash() != cfg.training_hash()  # trials never share the train stage's run folder
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(grid={"model.inter_frame_layers": [0, -1]}), "inter_frame_layers=-1.*model.inter_frame_layers: expected"),
+    (dict(grid={"model.no_such_switch": [0, 1]}), r"model: unknown key\(s\) \['no_such_switch'\]"),
+    (dict(grid={"ray.num_workers": [1, 2]}), "tune.grid.ray.num_workers: expected a dotted key of a training"),
+    (dict(grid={"train.seed": [1, 2]}), "tune.grid.train.seed: the seeds are set by tune.seeds"),
+    (dict(grid={"train.lr": [1e-3, 1e-3]}), "tune.grid.train.lr: expected distinct values"),
+    (dict(grid={"model.bidirectional_vl": "yes"}), r"tune.grid.model.bidirectional_vl: expected a list"),
+    (dict(seeds=[]), "tune.seeds: expected a non-empty list"),
+    (dict(max_concurrent_trials=0), "tune.max_concurrent_trials: expected an integer >= 1"),
+])
+def test_bad_sweep_settings_rejected_before_ray_starts(tmp_path, change, message):
+    import ray
+
+    from bifit.config import ConfigError
+    from pipeline import tune
+
+    params = _sweep_params(tmp_path, **change)
+    with pytest.raises(ConfigError, match=message) as err:
+        tune.main(["--params", str(params)])
+    assert str(params) in str(err.value)
+    assert not ray.is_initialized()
+
+
+def test_group_rows_mean_and_sample_std():
+    from bifit.report import format_mean_std, group_rows
+
+    rows = [{"variant": "a", "jf": 0.2}, {"variant": "b", "jf": 0.5}, {"variant": "a", "jf": 0.4}]
+    a, b = group_rows(rows, "variant", ["jf"])
+    assert a["n"] == 2 and a["jf_mean"] == pytest.approx(0.3) and a["jf_std"] == pytest.approx(math.sqrt(0.02))
+    assert b["n"] == 1 and math.isnan(b["jf_std"])
+    assert format_mean_std(a["jf_mean"], a["jf_std"]) == "0.3000 ± 0.1414"
+    assert format_mean_std(b["jf_mean"], b["jf_std"]) == "0.5000"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from pipeline import generate, tune
+
+    tmp = tmp_path_factory.mktemp("tune")
+    params = _sweep_params(tmp)
+    generate.main(["--params", str(params)])
+    out = tune.main(["--params", str(params)])
+    return tmp, params, out
+
+
+def test_sweep_table_has_every_trial_with_real_metrics(sweep):
+    tmp, _, out = sweep
+    trials = _read_csv(tmp / "tune-results/trials.csv")
+    assert len(trials) == 4
+    assert sorted((r["model.inter_frame_layers"], r["seed"]) for r in trials) == [
+        ("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    for r in trials:
+        for key in ("jf", "j", "f", "jf_shuffled"):
+            assert 0.0 <= float(r[key]) <= 1.0
+        assert float(r["jf"]) == pytest.approx((float(r["j"]) + float(r["f"])) / 2, abs=1e-5)
+        assert int(r["num_expressions"]) == 4 and int(r["train_steps"]) == 2
+        assert float(r["wall_seconds"]) > 0 and float(r["train_loss"]) > 0
+    params = {r["model.inter_frame_layers"]: int(r["num_parameters"]) for r in trials}
+    assert params["1"] > params["0"]  # the inter-frame layer has weights
+    variants = _read_csv(tmp / "tune-results/variants.csv")
+    assert [v["variant"] for v in variants] == ["inter_frame_layers=0", "inter_frame_layers=1"]
+    for v in variants:
+        jf = [float(r["jf"]) for r in trials if f"inter_frame_layers={r['model.inter_frame_layers']}" == v["variant"]]
+        assert int(v["n"]) == 2
+        assert float(v["jf_mean"]) == pytest.approx(np.mean(jf), abs=1e-5)
+        assert float(v["jf_std"] or 0) == pytest.approx(np.std(jf, ddof=1), abs=1e-5)
+    md = (tmp / "tune-results/results.md").read_text()
+    assert "## Per variant" in md and "## Every trial" in md
+    assert len([line for line in md.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]) == 6
+    summary = json.loads((tmp / "tune-results/summary.json").read_text())
+    assert summary["num_trials"] == 4 and summary["num_failed"] == 0
+    assert set(summary["variants"]) == {"inter_frame_layers=0", "inter_frame_layers=1"}
+
+
+def test_sweep_mlflow_parent_and_tagged_children(sweep):
+    from mlflow.tracking import MlflowClient
+
+    tmp, _, out = sweep
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "sweep"
+    exp = client.get_experiment_by_name("toy-ablations")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert len(children) == 4
+    by_id = {r["mlflow_run_id"]: r for r in out["trials"]}
+    for child in children:
+        row = by_id[child.info.run_id]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["variant"] == row["variant"] and child.data.tags["seed"] == str(row["seed"])
+        assert child.data.tags["model.inter_frame_layers"] == str(row["model.inter_frame_layers"])
+        assert child.data.metrics["ytvos_jf"] == pytest.approx(row["jf"])
+        assert child.data.params["model.inter_frame_layers"] == str(row["model.inter_frame_layers"])
+        assert "loss" in child.data.metrics  # per-step training loss logged by the Ray Train workers
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert "tables/results.md" in artifacts and "tables/trials.csv" in artifacts
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
+    """One trial lost its stored result (as if the sweep died during its evaluation): the rerun trains nothing
+    again, re-evaluates that trial from its final checkpoint and reports the others from the store."""
+    from pipeline import tune
+
+    tmp, params, out = sweep
+    stored = sorted((tmp / "tune/results").glob("*.json"))
+    assert len(stored) == 4
+    victim = stored[0]
+    keep = {p: p.stat().st_mtime_ns for p in stored[1:]}
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp / "tune/train").glob("*/epoch_*.pth")}
+    assert len(ckpts) == 4
+    victim.unlink()
+    again = tune.main(["--params", str(params)])
+    assert victim.exists()
+    assert {p: p.stat().st_mtime_ns for p in keep} == keep
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts  # no trial was trained again
+    assert again["sweep"] == out["sweep"] and again["parent_run_id"] == out["parent_run_id"]
+    assert {r["mlflow_run_id"] for r in again["trials"]} == {r["mlflow_run_id"] for r in out["trials"]}
+    assert len(_read_csv(tmp / "tune-results/trials.csv")) == 4
