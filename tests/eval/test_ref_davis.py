@@ -20,6 +20,7 @@ from bifit.eval.ref_davis import (
     predict_label_maps,
 )
 from tests.conftest import tiny_model
+from tests.eval.fakes import WordTokenizer
 
 
 def test_running_merge_equals_the_reference_argmax():
@@ -102,22 +103,6 @@ def test_query_is_chosen_per_clip_and_objects_merged():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class WordTokenizer:
-    """Words -> ids 3..99 (stable hash), bos 0 / eos 2; enough for a randomly initialised tiny text encoder."""
-
-    model_max_length = 32
-
-    def __call__(self, captions, padding=None, truncation=None, max_length=None, return_tensors=None):
-        rows = [[0] + [3 + sum(map(ord, word)) % 97 for word in c.split()][:30] + [2] for c in captions]
-        n = max(len(r) for r in rows)
-        ids = torch.ones((len(rows), n), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            attn[i, : len(r)] = 1
-        return {"input_ids": ids, "attention_mask": attn}
 
 
 @pytest.fixture(scope="module")

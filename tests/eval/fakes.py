@@ -1,0 +1,20 @@
+"""Test doubles shared by the evaluation tests."""
+
+import torch
+
+
+class WordTokenizer:
+    """Words -> ids 3..99 (stable hash), bos 0 / eos 2, padding 1; enough for a randomly initialised tiny text
+    encoder (vocabulary 100, see tests.conftest.tiny_text_config)."""
+
+    model_max_length = 32
+
+    def __call__(self, captions, padding=None, truncation=None, max_length=None, return_tensors=None):
+        rows = [[0] + [3 + sum(map(ord, word)) % 97 for word in c.split()][:30] + [2] for c in captions]
+        n = max(len(r) for r in rows)
+        ids = torch.ones((len(rows), n), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": attn}
