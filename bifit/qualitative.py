@@ -1,0 +1,77 @@
+"""What the model did on one video and one expression: masks, per-frame query scores, reference points.
+
+The whole video goes through the model in one pass (the Ref-YouTube-VOS protocol), with the official
+post-processing (`bifit.models.postprocess.video_masks`), so the masks equal those of the evaluate stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bifit.data.collate import tokenize
+from bifit.models.postprocess import video_masks
+
+
+@dataclass
+class VideoDetails:
+    caption: str
+    masks: np.ndarray  # [t, H0, W0] bool, the chosen query at the original size
+    probabilities: np.ndarray  # [t, H0, W0] float, sigmoid of the chosen query's mask logits
+    scores: np.ndarray  # [t, q] sigmoid class score of every query in every frame
+    best_query: int  # the query with the highest score averaged over frames
+    reference_points: np.ndarray | None  # [t, q, 2] normalised (x, y) of the last decoder layer's input
+    boxes: np.ndarray  # [t, q, 4] normalised (cx, cy, w, h)
+
+
+@torch.no_grad()
+def describe_video(model, tokenizer, frames: torch.Tensor, caption: str, orig_size: tuple[int, int],
+                   threshold: float = 0.5) -> VideoDetails:
+    """frames [t, 3, h, w] normalised and unpadded (as `bifit.data.load_video` returns them)."""
+    model.eval()
+    device = next(model.parameters()).device
+    t, _, h, w = frames.shape
+    clip = frames.to(device)[None]  # [1, t, 3, h, w]
+    image_mask = torch.zeros((1, t, h, w), dtype=torch.bool, device=device)
+    input_ids, attention_mask = tokenize(tokenizer, [caption])
+    outputs = model(clip, image_mask, input_ids.to(device), attention_mask.to(device),
+                    torch.tensor([[h, w]], device=device), with_aux=False)
+    masks, probs, best, _ = video_masks(outputs, (h, w), orig_size, threshold)
+    scores = outputs["pred_logits"][0].sigmoid().amax(-1)  # [t, q]
+    refs = outputs.get("reference_points")
+    return VideoDetails(
+        caption=caption, masks=masks.cpu().numpy(), probabilities=probs.float().cpu().numpy(),
+        scores=scores.float().cpu().numpy(), best_query=best,
+        reference_points=None if refs is None else refs[0].float().cpu().numpy(),
+        boxes=outputs["pred_boxes"][0].float().cpu().numpy())
+
+
+def load_model_for_inspection(path, text_encoder_fallback: str | None = None, device: str = "cpu"):
+    """(model in eval mode, tokenizer, the checkpoint's settings dict) from one of our checkpoints.
+
+    text_encoder_fallback: a hub id or directory used when the checkpoint's `model.text_encoder` is a directory
+    that does not exist here (trained on another machine); only its architecture and tokenizer are used, the
+    weights come from the checkpoint.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from bifit.checkpoint import load_checkpoint, load_state_dict_strict
+    from bifit.config import ModelConfig, from_dict
+    from bifit.models import build_model
+
+    ckpt = load_checkpoint(path)
+    model_cfg = from_dict(ModelConfig, dict(ckpt["config"]["model"]), "model")
+    if Path(model_cfg.text_encoder).is_absolute() and not Path(model_cfg.text_encoder).exists():
+        if text_encoder_fallback is None:
+            raise FileNotFoundError(f"{path}: model.text_encoder {model_cfg.text_encoder} does not exist here; "
+                                    "pass text_encoder_fallback (e.g. data/synthetic/text-encoder)")
+        model_cfg.text_encoder = str(text_encoder_fallback)
+    if model_cfg.msda_backend == "cuda" and device == "cpu":
+        model_cfg.msda_backend = "auto"
+    model = build_model(model_cfg)
+    load_state_dict_strict(model, ckpt["model"], f"checkpoint {path}")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_cfg.text_encoder), ckpt["config"]
