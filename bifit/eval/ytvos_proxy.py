@@ -4,12 +4,12 @@ The official valid split has no public ground truth and the challenge server has
 (DATASETS_AND_EVAL.md 2.7, pitfall 30). Runs can still be compared locally on training videos that the model
 did not see:
 
-- **The list.** The held-out videos are the ``num_videos`` training videos (of ``meta_expressions/train``) with
-  the smallest ``sha1("bifit/ref-youtube-vos/proxy/v1/" + video_id)``, written sorted, one id per line, by the
-  preprocess stage (``<prepared>/ytvos/proxy_videos.txt``). The rule depends only on the ids, so the list is the
-  same on every machine and for every run, and it changes only if the training set does. ``num_videos`` is
-  ``datasets.ytvos_proxy.num_videos`` (embedded default: 6 of the 60 generated videos; for the real
-  3,471-video training set 200 videos, about 6 %, is a reasonable size).
+- **The list.** Of the N training videos (of ``meta_expressions/train``), the n = round(fraction x N) (at least
+  1, at most N - 1) with the smallest ``sha1("bifit/ref-youtube-vos/proxy/v1/" + video_id)`` are held out,
+  written sorted, one id per line, by the preprocess stage (``<prepared>/ytvos/proxy_videos.txt``). The rule
+  depends only on the ids, so the list is the same on every machine and for every run, and it changes only if
+  the training set does. ``fraction`` is ``datasets.ytvos_proxy.fraction`` (default 0.1: 6 of the 60 generated
+  videos, 347 of the real 3,471).
 - **Held out.** With ``datasets.ytvos_proxy.exclude_from_training`` (default true) the train stage drops every
   sample of these videos. A checkpoint trained elsewhere on all training videos (the released ``ytvos_r50.pth``
   included) has seen them: its proxy score is optimistic and is not comparable with the server's valid numbers.
@@ -46,18 +46,24 @@ def proxy_rank(video_id: str) -> str:
     return hashlib.sha1((PROXY_SALT + video_id).encode()).hexdigest()
 
 
-def select_proxy_videos(train_videos: Iterable[str], num_videos: int) -> list[str]:
-    """The ``num_videos`` ids with the smallest :func:`proxy_rank`, sorted (module docstring)."""
+def proxy_count(num_train_videos: int, fraction: float) -> int:
+    """n = round(fraction x N), at least 1 and at most N - 1."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"proxy fraction: expected a number in (0, 1), got {fraction}")
+    if num_train_videos < 2:
+        raise ValueError(f"the proxy needs at least 2 training videos (one to hold out), got {num_train_videos}")
+    return min(num_train_videos - 1, max(1, round(fraction * num_train_videos)))
+
+
+def select_proxy_videos(train_videos: Iterable[str], fraction: float) -> list[str]:
+    """The :func:`proxy_count` ids with the smallest :func:`proxy_rank`, sorted (module docstring)."""
     videos = sorted(set(train_videos))
-    if not 1 <= num_videos < len(videos):
-        raise ValueError(f"proxy num_videos: expected 1 <= num_videos < {len(videos)} (the training videos), "
-                         f"got {num_videos}")
-    return sorted(sorted(videos, key=proxy_rank)[:num_videos])
+    return sorted(sorted(videos, key=proxy_rank)[: proxy_count(len(videos), fraction)])
 
 
-def proxy_videos(root, num_videos: int) -> list[str]:
+def proxy_videos(root, fraction: float) -> list[str]:
     """The held-out list of the Ref-YouTube-VOS training set at ``root``."""
-    return select_proxy_videos(read_videos(expressions_path(root, "train")), num_videos)
+    return select_proxy_videos(read_videos(expressions_path(root, "train")), fraction)
 
 
 def write_video_list(path, videos: Sequence[str]) -> None:

@@ -11,6 +11,7 @@ from bifit.data.ytvos import YTVOSDataset, load_gt_masks
 from bifit.eval.ytvos_proxy import (
     evaluate_proxy,
     hold_out,
+    proxy_count,
     proxy_expressions,
     proxy_rank,
     proxy_videos,
@@ -33,21 +34,24 @@ def bench(tmp_path_factory):
 
 def test_selection_rule_is_fixed_and_documented():
     ids = [f"{i:010x}" for i in range(50)]
-    chosen = select_proxy_videos(ids, 5)
+    chosen = select_proxy_videos(ids, 0.1)
     assert chosen == sorted(chosen) and len(chosen) == 5
-    assert chosen == select_proxy_videos(list(reversed(ids)), 5)  # order of the input does not matter
+    assert chosen == select_proxy_videos(list(reversed(ids)), 0.1)  # order of the input does not matter
     ranks = sorted(proxy_rank(v) for v in ids)
     assert max(proxy_rank(v) for v in chosen) == ranks[4]
     # the documented rule: the smallest sha1 of salt + id
     import hashlib
 
     assert proxy_rank("003234408d") == hashlib.sha1(b"bifit/ref-youtube-vos/proxy/v1/003234408d").hexdigest()
-    with pytest.raises(ValueError, match="expected 1 <= num_videos < 50"):
-        select_proxy_videos(ids, 50)
+    assert proxy_count(3471, 0.1) == 347 and proxy_count(3, 0.1) == 1 and proxy_count(3, 0.9) == 2
+    with pytest.raises(ValueError, match=r"expected a number in \(0, 1\)"):
+        select_proxy_videos(ids, 1.0)
+    with pytest.raises(ValueError, match="at least 2 training videos"):
+        select_proxy_videos(ids[:1], 0.5)
 
 
 def test_list_file_round_trip_and_hold_out(bench, tmp_path):
-    videos = proxy_videos(bench, 2)
+    videos = proxy_videos(bench, 0.4)
     write_video_list(tmp_path / "list.txt", videos)
     assert read_video_list(tmp_path / "list.txt") == videos
     ds = YTVOSDataset(bench, "train", 2, categories=SYNTHETIC_CATEGORIES, rng=random.Random(0))
@@ -71,7 +75,7 @@ def test_score_expression_values():
 
 
 def test_tiny_model_proxy_run_scores_the_written_masks(bench, tmp_path):
-    videos = proxy_videos(bench, 2)
+    videos = proxy_videos(bench, 0.4)
     metrics, rows = evaluate_proxy(tiny_model(seed=0).eval(), WordTokenizer(), bench, videos, short_side=64,
                                    batch=4, out_dir=tmp_path, progress=False)
     exps = proxy_expressions(bench, videos)

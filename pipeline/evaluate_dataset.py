@@ -1,0 +1,247 @@
+"""DVC stage `evaluate@<name>`: one benchmark's inference, metrics file, plot and MLflow metrics.
+
+    python -m pipeline.evaluate_dataset --dataset {ytvos,ytvos_proxy,davis,a2d,jhmdb} [--params params.yaml]
+        [--predictions DIR] [--plot CSV]
+
+The model is `datasets.<name>.checkpoint` (built with the `model` section). Each writes
+`<paths.metrics>/<name>.json` (fractions in [0, 1]; `eval_seconds` is the wall time of this evaluation):
+
+- ytvos: Ref-YouTube-VOS valid, whole-video inference (pipeline/evaluate.py). With local GT (the synthetic
+  set) J, F, J&F and the shuffled-expression control (keys `jf`, `j`, `f`, `jf_shuffled`, ...); with the real
+  data only the predicted masks for the submission zip (the package stage validates and zips them).
+- ytvos_proxy: the held-out training videos of bifit/eval/ytvos_proxy.py (the preprocess stage's list), J&F.
+- davis: Ref-DAVIS17 val, 24-frame clips, the four annotator runs averaged (bifit/eval/ref_davis.py);
+  `anno_<a>/<seq>/<frame>.png` and the toolkit CSVs in the predictions folder.
+- a2d / jhmdb: centred-clip inference and the A2D metrics with both mAP protocols (bifit/eval/a2d_engine.py;
+  `mAP 0.5:0.95` is the paper's all-queries protocol).
+
+MLflow: the metrics, prefixed `<name>_`, go to the training run recorded in the checkpoint when the tracking
+store has it, otherwise to a new run `evaluate-<name>` of the `mlflow.experiment`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config
+from pipeline.preprocess import prepared_root
+
+log = logging.getLogger("pipeline.evaluate_dataset")
+
+DEFAULT_OUTPUTS = {  # name -> (predictions folder next to paths.predictions, plot CSV in paths.plots)
+    "ytvos": (None, "ytvos_per_video.csv"),  # None: paths.predictions itself (the package stage zips it)
+    "ytvos_proxy": ("ytvos_proxy", "ytvos_proxy_per_video.csv"),
+    "davis": ("davis_valid", "davis_per_video.csv"),
+    "a2d": ("a2d_test", "a2d_precision.csv"),
+    "jhmdb": ("jhmdb_test", "jhmdb_precision.csv"),
+}
+
+
+def default_outputs(cfg: PipelineConfig, name: str) -> tuple[Path, Path]:
+    """(predictions folder, plot CSV) of an evaluation; dvc.yaml passes the same paths explicitly."""
+    folder, plot = DEFAULT_OUTPUTS[name]
+    pred = cfg.path("predictions") if folder is None else cfg.path("predictions").parent / folder
+    return pred, cfg.path("plots") / plot
+
+
+def checkpoint_path(cfg: PipelineConfig, name: str) -> Path:
+    return cfg.datasets.resolve(getattr(cfg.datasets, name).checkpoint)
+
+
+def load_model(cfg: PipelineConfig, path: Path):
+    """(model, tokenizer, checkpoint dict) from one of our checkpoints or an official BIFIT one (ytvos_r50.pth,
+    a2d_r50.pth: built with the `model` section, e.g. the paper overlay)."""
+    from bifit.checkpoint import CheckpointError, load_official
+    from pipeline.evaluate import build_from_checkpoint
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found (datasets.*.checkpoint in params.yaml)")
+    try:
+        return build_from_checkpoint(cfg, path)
+    except CheckpointError:
+        from transformers import AutoTokenizer
+
+        from bifit.models import build_model
+
+        model = build_model(cfg.model)
+        extra = load_official(path, model)
+        log.info("%s: official checkpoint loaded", path)
+        return model.eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder), {"official": extra.get("epoch")}
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one function per evaluation: (cfg, model, tokenizer, predictions folder, plot CSV) -> metrics
+
+
+def eval_ytvos(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
+    from bifit.data import inference_expressions
+    from pipeline.evaluate import evaluate
+
+    root = Path(cfg.data.root)
+    if all(e.obj_id is not None for e in inference_expressions(root, "valid")):
+        metrics, _, per_video = evaluate(cfg, model, tokenizer, pred_dir)
+        write_rows(plot, ["video", "jf"], [[v, f"{s:.6f}"] for v, s in sorted(per_video.items())])
+        return metrics
+    return predict_ytvos_valid(cfg, model, tokenizer, root, pred_dir, plot)
+
+
+def predict_ytvos_valid(cfg, model, tokenizer, root: Path, pred_dir: Path, plot: Path) -> dict:
+    """Real Ref-YouTube-VOS: no local GT, only the masks of the 202 valid videos for the submission zip."""
+    from bifit.data import inference_expressions, load_video
+    from bifit.data.ytvos import NUM_VALID_VIDEOS, inference_videos
+    from bifit.inference import predict_video
+    from pipeline.evaluate import save_masks
+
+    videos = inference_videos(root, "valid", expected_count=NUM_VALID_VIDEOS)
+    expressions = inference_expressions(root, "valid", videos)
+    by_video: dict[str, list] = {}
+    for e in expressions:
+        by_video.setdefault(e.video, []).append(e)
+    for video, exps in tqdm(by_video.items(), desc="ytvos valid", unit="video"):
+        frames, orig_size = load_video(root, video, exps[0].frames, "valid", short_side=cfg.data.eval_short_side)
+        preds = predict_video(model, tokenizer, frames, [e.caption for e in exps], orig_size,
+                              cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions)
+        for e, p in zip(exps, preds):
+            save_masks(pred_dir / e.video / e.exp_id, e.frames, p.masks)
+    write_rows(plot, ["video", "jf"], [])
+    log.warning("Ref-YouTube-VOS valid has no public ground truth: masks written to %s for the submission zip "
+                "(package stage); compare runs locally with the ytvos_proxy evaluation", pred_dir)
+    return {"num_videos": len(by_video), "num_expressions": len(expressions), "scored_locally": 0}
+
+
+def eval_ytvos_proxy(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
+    from bifit.eval.ytvos_proxy import PROXY_LIST_NAME, evaluate_proxy, read_video_list
+
+    videos = read_video_list(prepared_root(cfg, "ytvos") / PROXY_LIST_NAME)
+    metrics, rows = evaluate_proxy(model, tokenizer, Path(cfg.data.root), videos,
+                                   short_side=cfg.data.eval_short_side, window=cfg.eval.num_frames or None,
+                                   threshold=cfg.eval.threshold, batch=cfg.eval.batch_expressions, out_dir=pred_dir)
+    per_video: dict[str, list[float]] = {}
+    for r in rows:
+        per_video.setdefault(r["video"], []).append(r["jf"])
+    write_rows(plot, ["video", "jf"], [[v, f"{np.mean(s):.6f}"] for v, s in sorted(per_video.items())])
+    metrics["held_out_of_training"] = int(cfg.datasets.ytvos_proxy.exclude_from_training)
+    return metrics
+
+
+def eval_davis(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
+    from bifit.eval.ref_davis import evaluate_ref_davis_model
+
+    result = evaluate_ref_davis_model(model, tokenizer, prepared_root(cfg, "davis"), pred_dir,
+                                      short_side=cfg.data.eval_short_side, clip_length=cfg.datasets.davis.clip_length,
+                                      batch=cfg.eval.batch_expressions)
+    write_rows(plot, ["video", "jf"], [[s, f"{v:.6f}"] for s, v in result.per_sequence().items()])
+    write_rows(pred_dir / "per_expression.csv", ["video", "exp_id", "annotator", "obj_id", "j", "f", "jf"],
+               [[r["video"], r["exp_id"], r["annotator"], r["obj_id"], f"{r['j']:.6f}", f"{r['f']:.6f}",
+                 f"{r['jf']:.6f}"] for r in result.expressions])
+    return result.metrics()
+
+
+def eval_a2d_like(name: str):
+    def run(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
+        from bifit.eval import a2d_engine
+
+        fn = a2d_engine.evaluate_a2d if name == "a2d" else a2d_engine.evaluate_jhmdb
+        metrics = fn(model, tokenizer, prepared_root(cfg, name), cfg, pred_dir)
+        write_rows(plot, ["iou_threshold", "precision"],
+                   [[k, f"{metrics[f'P@{k}']:.6f}"] for k in (0.5, 0.6, 0.7, 0.8, 0.9)])
+        return metrics
+
+    return run
+
+
+EVALUATORS = {"ytvos": eval_ytvos, "ytvos_proxy": eval_ytvos_proxy, "davis": eval_davis,
+              "a2d": eval_a2d_like("a2d"), "jhmdb": eval_a2d_like("jhmdb")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mlflow_metric_name(name: str, key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"{name}_{key}").replace("@", "_at_")
+
+
+def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | None, checkpoint: Path,
+                  artifacts: list[Path]) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+    values = {mlflow_metric_name(name, k): float(v) for k, v in metrics.items()
+              if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
+    run = None
+    if run_id:
+        try:
+            run = mlflow.start_run(run_id=run_id)
+        except MlflowException as err:
+            log.warning("training run %s not in %s (%s); logging to a new run", run_id, cfg.mlflow.resolved_uri(), err)
+    if run is None:
+        mlflow.set_experiment(cfg.mlflow.experiment)
+        run = mlflow.start_run(run_name=f"evaluate-{name}")
+        source = getattr(cfg.datasets, "ytvos" if name == "ytvos_proxy" else name, None)
+        mlflow.log_params({"checkpoint": str(checkpoint), "dataset": name,
+                           "source": getattr(source, "source", "unknown")})
+    with run:
+        mlflow.log_metrics(values)
+        for path in artifacts:
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path=f"eval/{name}")
+        return run.info.run_id
+
+
+def evaluate_dataset(cfg: PipelineConfig, name: str, predictions: Path | None = None, plot: Path | None = None,
+                     use_mlflow: bool = True) -> dict:
+    if name not in EVALUATIONS:
+        raise KeyError(f"--dataset: expected one of {', '.join(EVALUATIONS)}, got {name!r}")
+    default_pred, default_plot = default_outputs(cfg, name)
+    pred_dir, plot = Path(predictions or default_pred), Path(plot or default_plot)
+    ckpt_path = checkpoint_path(cfg, name)
+    start = time.perf_counter()
+    model, tokenizer, ckpt = load_model(cfg, ckpt_path)
+    metrics = EVALUATORS[name](cfg, model, tokenizer, pred_dir, plot)
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    out = cfg.path("metrics") / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=1) + "\n")
+    if use_mlflow:
+        log_to_mlflow(cfg, name, metrics, ckpt.get("mlflow_run_id"), ckpt_path, [out, plot])
+    return metrics
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", required=True, choices=EVALUATIONS)
+    parser.add_argument("--predictions", type=Path, default=None, help="predictions folder (default per dataset)")
+    parser.add_argument("--plot", type=Path, default=None, help="plot CSV (default per dataset)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_pipeline_config(args.params)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    metrics = evaluate_dataset(cfg, args.dataset, args.predictions, args.plot)
+    shown = {k: v for k, v in metrics.items() if k in ("jf", "j", "f", "mAP 0.5:0.95", "overall_iou", "mean_iou",
+                                                       "eval_seconds", "num_expressions", "num_samples")}
+    log.info("%s: %s", args.dataset, json.dumps(shown))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""DVC stage `preprocess@<dataset>`: turn the verified raw files into what the loaders read, with indices so that
+no loader lists folders.
+
+    python -m pipeline.preprocess --dataset {ytvos,davis,a2d,jhmdb} [--params params.yaml]
+
+Writes `<datasets.prepared>/<name>/` (replaced atomically):
+
+- ytvos: `index.json` (train/valid/test video counts, the valid list = valid meta minus test meta, checked to be
+  the 202 competition videos for the real data) and `proxy_videos.txt`, the fixed held-out list of the local
+  proxy evaluation (bifit/eval/ytvos_proxy.py);
+- davis: the Ref-YouTube-VOS-style layout of bifit/data/davis_convert.py (non-destructive: hard links);
+- a2d: bifit.data.a2d_preprocess.preprocess (instance masks, COCO GT for mAP, indices, from the .h5 files);
+- jhmdb: bifit.data.jhmdb_preprocess.preprocess (puppet-mask GT, COCO GT, index, from the .mat files).
+
+Bad samples raise with the file and id, or with `data.skip_bad_samples` are left out and listed in the output's
+`skipped_samples.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config
+from pipeline.download import dataset_root
+
+log = logging.getLogger("pipeline.preprocess")
+
+
+def prepared_root(cfg: PipelineConfig, name: str) -> Path:
+    return cfg.datasets.resolve(cfg.datasets.prepared) / name
+
+
+def prepare_ytvos(cfg: PipelineConfig, raw: Path, out: Path) -> dict:
+    from bifit.data.ytvos import NUM_VALID_VIDEOS, expressions_path, inference_videos, read_videos
+    from bifit.eval.ytvos_proxy import PROXY_LIST_NAME, proxy_videos, write_video_list
+
+    real = cfg.datasets.ytvos.source == "real"
+    valid = inference_videos(raw, "valid", expected_count=NUM_VALID_VIDEOS if real else None)
+    train = read_videos(expressions_path(raw, "train"))
+    proxy = proxy_videos(raw, cfg.datasets.ytvos_proxy.fraction)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    summary = {"dataset": "ref_youtube_vos", "raw_root": os.path.relpath(raw, out.parent.resolve()),
+               "train_videos": len(train), "train_expressions": sum(len(v["expressions"]) for v in train.values()),
+               "valid_videos": len(valid), "test_videos": len(read_videos(expressions_path(raw, "test"))),
+               "proxy_videos": len(proxy), "proxy_fraction": cfg.datasets.ytvos_proxy.fraction}
+    try:
+        (tmp / "index.json").write_text(json.dumps({**summary, "valid": valid}, indent=1) + "\n")
+        write_video_list(tmp / PROXY_LIST_NAME, proxy)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def preprocess(cfg: PipelineConfig, name: str, progress: bool = True) -> dict:
+    if name not in DATASET_NAMES:
+        raise KeyError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {name!r}")
+    raw, out = dataset_root(cfg, name), prepared_root(cfg, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skip = cfg.data.skip_bad_samples
+    if name == "ytvos":
+        return prepare_ytvos(cfg, raw, out)
+    if name == "davis":
+        from bifit.data.davis_convert import convert_ref_davis
+
+        return convert_ref_davis(raw, out, progress=progress)
+    if name == "a2d":
+        from bifit.data.a2d_preprocess import preprocess as prepare_a2d
+
+        return prepare_a2d(raw, out, skip_bad_samples=skip, progress=progress)
+    from bifit.data.jhmdb_preprocess import preprocess as prepare_jhmdb
+
+    return prepare_jhmdb(raw, out, skip_bad_samples=skip, progress=progress)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_pipeline_config(args.params)
+    summary = preprocess(cfg, args.dataset)
+    log.info("%s prepared at %s", args.dataset, prepared_root(cfg, args.dataset))
+    print(json.dumps({k: v for k, v in summary.items() if k != "irregularities"}, indent=1, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

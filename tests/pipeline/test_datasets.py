@@ -1,0 +1,145 @@
+"""The four benchmarks at toy size through the pipeline stages: download (synthetic and real paths), preprocess,
+evaluate (five evaluations with MLflow), summary."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.pipeline.test_chain import _params
+
+DATASETS = {
+    "prepared": "{tmp}/prepared",
+    "status": "{tmp}/status",
+    "ytvos_proxy": {"fraction": 0.4, "checkpoint": "{tmp}/models/tiny.pth"},
+    "ytvos": {"checkpoint": "{tmp}/models/tiny.pth"},
+    "davis": {"root": "{tmp}/eval/ref-davis", "checkpoint": "{tmp}/models/tiny.pth", "clip_length": 4,
+              "synthetic": {"num_train_videos": 1, "num_val_videos": 1, "frames_per_video": 4, "height": 96,
+                            "width": 128}},
+    "a2d": {"root": "{tmp}/eval/a2d_sentences", "checkpoint": "{tmp}/models/tiny.pth",
+            "synthetic": {"num_train_videos": 1, "num_test_videos": 2, "frames_per_video": 6, "annotated_frames": 1}},
+    "jhmdb": {"root": "{tmp}/eval/jhmdb_sentences", "checkpoint": "{tmp}/models/tiny.pth",
+              "synthetic": {"num_videos": 2, "frames_per_video": 6}},
+}
+
+
+def _dataset_params(tmp, **changes):
+    path = _params(tmp)
+    raw = yaml.safe_load(path.read_text())
+    datasets = json.loads(json.dumps(DATASETS).replace("{tmp}", str(tmp)))
+    for key, value in changes.items():
+        datasets[key] = {**datasets[key], **value}
+    raw["datasets"] = datasets
+    raw["train"]["batch_size"] = 2
+    raw["eval"]["batch_expressions"] = 24
+    raw["synthetic"].update(num_train_videos=3, num_valid_videos=1, num_test_videos=1)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    from bifit.checkpoint import save_checkpoint
+    from bifit.config import to_dict
+    from bifit.models import build_model
+    from pipeline import download, evaluate_dataset, generate, preprocess, summary
+    from pipeline.config import load_pipeline_config
+
+    tmp = tmp_path_factory.mktemp("datasets")
+    params = _dataset_params(tmp)
+    generate.main(["--params", str(params)])
+    cfg = load_pipeline_config(params)
+    reports = {n: download.download(cfg, n, progress=False) for n in ("ytvos", "davis", "a2d", "jhmdb")}
+    prepared = {n: preprocess.preprocess(cfg, n, progress=False) for n in ("ytvos", "davis", "a2d", "jhmdb")}
+    save_checkpoint(tmp / "models/tiny.pth", build_model(cfg.model), to_dict(cfg), epoch=0)
+    metrics = {n: evaluate_dataset.evaluate_dataset(cfg, n) for n in
+               ("ytvos", "ytvos_proxy", "davis", "a2d", "jhmdb")}
+    text = summary.main(["--params", str(params)])
+    return tmp, params, cfg, reports, prepared, metrics, text
+
+
+def test_download_verifies_and_is_idempotent(stages):
+    from pipeline import download
+
+    tmp, _, cfg, reports, _, _, _ = stages
+    assert all(r["ok"] and r["problems"] == [] for r in reports.values())
+    assert reports["davis"]["found"]["DAVIS/JPEGImages/480p"] == {"count": 2}
+    status = (tmp / "status/davis.json").read_text()
+    stamp = (tmp / "eval/ref-davis/DAVIS/davis_semantics.json").stat().st_mtime_ns
+    again = download.download(cfg, "davis", progress=False)
+    assert (tmp / "status/davis.json").read_text() == status  # deterministic report: DVC sees no change
+    assert (tmp / "eval/ref-davis/DAVIS/davis_semantics.json").stat().st_mtime_ns == stamp
+    assert again["synthetic"]["val"] == reports["davis"]["synthetic"]["val"]
+    sums = (tmp / "status/davis.sha256").read_text().splitlines()
+    assert any(line.endswith("  davis_text_annotations/Davis17_annot2.txt") for line in sums)
+
+
+def test_real_source_prints_instructions_extracts_and_reports_every_problem(stages, tmp_path, capsys):
+    from bifit.data.manifest import ManifestError
+    from pipeline import download
+    from pipeline.config import load_pipeline_config
+
+    tmp, _, _, _, _, _, _ = stages
+    real = tmp_path / "ref-davis"
+    params = _dataset_params(tmp_path, davis={"source": "real", "root": str(real)})
+    cfg = load_pipeline_config(params)
+    with pytest.raises(ManifestError) as err:
+        download.download(cfg, "davis", progress=False)
+    out = capsys.readouterr().out
+    assert f"davis_text_annotations.zip -> {real / 'davis_text_annotations.zip'} (by hand from https://www.mpi-inf" in out
+    assert "DAVIS-2017-Unsupervised-trainval-480p.zip (fetchable: https://" in out
+    assert f"{real / 'DAVIS/ImageSets/2017/val.txt'}: missing file" in str(err.value)
+    status = json.loads((tmp_path / "status/davis.json").read_text())
+    assert status["ok"] is False and len(status["problems"]) == len(err.value.problems) >= 9
+    # with the (synthetic) zips placed as instructed they are extracted, and the counts are checked
+    for name in ("DAVIS-2017-Unsupervised-trainval-480p.zip", "DAVIS-2017_semantics-480p.zip",
+                 "davis_text_annotations.zip"):
+        shutil.copy(tmp / "eval/ref-davis" / name, real / name)
+    with pytest.raises(ManifestError) as err:
+        download.download(cfg, "davis", progress=False)
+    problems = "\n".join(err.value.problems)
+    assert (real / "DAVIS/davis_semantics.json").is_file()
+    assert "1 non-empty lines, expected 30" in problems and "2 sub-folders matching '*', expected 90" in problems
+    assert "missing file" not in problems
+
+
+def test_preprocess_outputs(stages):
+    tmp, _, _, _, prepared, _, _ = stages
+    assert prepared["ytvos"]["proxy_videos"] == 1 and prepared["ytvos"]["valid_videos"] == 1
+    assert (tmp / "prepared/ytvos/proxy_videos.txt").read_text().count("\n") == 1
+    assert prepared["davis"]["valid_videos"] == 1 and (tmp / "prepared/davis/index.json").is_file()
+    assert prepared["a2d"]["test_samples"] >= 2 and (tmp / "prepared/a2d/index_test.json").is_file()
+    assert prepared["jhmdb"]["skipped"] == 0 and (tmp / "prepared/jhmdb/index.json").is_file()
+
+
+def test_evaluations_write_metrics_plots_predictions_and_mlflow(stages):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tmp, _, cfg, _, _, metrics, _ = stages
+    for name, m in metrics.items():
+        assert json.loads((tmp / f"metrics/{name}.json").read_text()) == m
+        assert m["eval_seconds"] >= 0
+    assert {"jf", "j", "f", "jf_shuffled"} <= set(metrics["ytvos"])
+    assert metrics["ytvos_proxy"]["num_videos"] == 1 and metrics["ytvos_proxy"]["held_out_of_training"] == 1
+    assert {"jf", "anno_0_jf", "anno_3_f", "per_expression_jf"} <= set(metrics["davis"])
+    assert {"mAP 0.5:0.95", "best-query-only mAP 0.5:0.95", "overall_iou", "P@0.9"} <= set(metrics["a2d"])
+    assert metrics["jhmdb"]["num_samples"] == 6
+    assert all(0 <= metrics[n][k] <= 1 for n in ("ytvos", "ytvos_proxy", "davis") for k in ("jf", "j", "f"))
+    assert len(list((tmp / "pred").rglob("*.png"))) > 0  # paths.predictions of the toy params
+    assert (tmp / "davis_valid/anno_3").is_dir() and (tmp / "a2d_test/per_sample.csv").is_file()
+    assert (tmp / "plots/davis_per_video.csv").read_text().startswith("video,jf\n")
+    assert (tmp / "plots/a2d_precision.csv").read_text().splitlines()[1].startswith("0.5,")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    logged = {k for r in runs for k in r.data.metrics}
+    assert {"davis_jf", "a2d_mAP 0.5_0.95", "jhmdb_overall_iou", "ytvos_proxy_jf", "ytvos_jf"} <= logged
+
+
+def test_summary_table(stages):
+    _, _, _, _, _, metrics, text = stages
+    assert "| Ref-DAVIS17 val (4 annotators averaged) | J&F | " in text
+    assert f"{100 * metrics['davis']['jf']:.1f} | 60.5 | " in text
+    assert "mAP (all queries: the paper's protocol)" in text and "synthetic (not comparable)" in text
+    assert text.count("\n| ") == 4 + 3 + 3 + 6 + 6 + 1  # header + ytvos, proxy, davis, a2d, jhmdb rows
