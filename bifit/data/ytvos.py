@@ -11,7 +11,11 @@ is run on the whole video, resized so the shorter side is ``short_side`` (360 fo
 Bad data raises :class:`SampleError` naming the file, the sample id and the reason. With ``skip_bad_samples=True``
 the dataset logs a warning, records ``{"file", "id", "reason", "index"}`` in ``dataset.skipped`` and serves the next
 sample (index + 1, deterministic); broken expressions found while listing are left out of the samples and recorded
-with ``index`` None. Note that DataLoader workers hold copies of the dataset, so ``skipped`` is per process.
+with ``index`` None. Note that DataLoader workers hold copies of the dataset, so ``skipped`` is per process; pass
+``skip_log`` (a JSONL file) to collect every process's skips in one place (``read_skip_log`` reads it back).
+Checked while listing: metadata that is not UTF-8, entries with missing keys or wrong types, videos with zero frames,
+empty expressions, object ids absent from meta.json or with an empty frame list; while loading: missing, truncated
+or corrupt JPEGs, annotation PNGs of the wrong mode or size, and objects whose id is in no annotation PNG.
 """
 
 from __future__ import annotations
@@ -48,9 +52,12 @@ NUM_VALID_VIDEOS = 202  # the real competition's valid split after the test filt
 class SampleError(RuntimeError):
     """A sample that cannot be loaded: ``file`` (path), ``sample_id`` (video/exp/obj/frame ids) and ``reason``."""
 
-    def __init__(self, file, sample_id: str, reason: str):
-        self.file, self.sample_id, self.reason = str(file), sample_id, reason
-        super().__init__(f"{file}: {reason} [{sample_id}]")
+    def __init__(self, file, sample_id: str, reason: str, hint: str = ""):
+        self.file, self.sample_id, self.reason, self.hint = str(file), sample_id, reason, hint
+        super().__init__(f"{file}: {reason} [{sample_id}]" + (f"; {hint}" if hint else ""))
+
+    def __reduce__(self):  # picklable with its fields, so the message survives the trip from a Ray worker
+        return type(self), (self.file, self.sample_id, self.reason, self.hint)
 
     def record(self) -> dict:
         return {"file": self.file, "id": self.sample_id, "reason": self.reason}
@@ -62,11 +69,30 @@ class SampleError(RuntimeError):
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path}: missing Ref-YouTube-VOS metadata file") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         "the metadata JSON files must be UTF-8") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err})") from err
+
+
+def read_skip_log(path) -> list[dict]:
+    """The skips recorded in a ``skip_log`` file (one JSON object per line), duplicates across processes removed."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    seen, out = set(), []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            key = (rec.get("file"), rec.get("id"), rec.get("reason"))
+            if key not in seen:
+                seen.add(key)
+                out.append(rec)
+    return out
 
 
 def expressions_path(root: Path, split: str) -> Path:
@@ -167,21 +193,72 @@ def video_ids(root: Path, split: str, exclude_test: bool = True) -> list[str]:
     return list(videos)
 
 
+def video_entry_problem(path: Path, vid: str, entry) -> SampleError | None:
+    """A meta_expressions video entry must hold a non-empty list of frame names and a mapping of expressions."""
+    sid = f"video {vid}"
+    if not isinstance(entry, dict):
+        return SampleError(path, sid, f"expected an object with 'frames' and 'expressions', got {type(entry).__name__}")
+    frames = entry.get("frames")
+    if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+        what = "missing" if frames is None else f"a {type(frames).__name__}"
+        return SampleError(path, sid, f"'frames' must be a list of frame-name strings, found {what}")
+    if not frames:
+        return SampleError(path, sid, "video has zero frames ('frames' is empty)")
+    if not isinstance(entry.get("expressions"), dict):
+        what = "missing" if entry.get("expressions") is None else f"a {type(entry['expressions']).__name__}"
+        return SampleError(path, sid, f"'expressions' must map exp_id strings to objects, found {what}")
+    return None
+
+
+def expression_problem(path: Path, sid: str, exp, need_obj_id: bool) -> SampleError | None:
+    """An expression must be an object with a non-empty 'exp' string (and an 'obj_id' in training metas)."""
+    if not isinstance(exp, dict):
+        return SampleError(path, sid, f"expected an object with 'exp', got {type(exp).__name__}")
+    text = exp.get("exp")
+    if not isinstance(text, str):
+        return SampleError(path, sid, "'exp' must be a string, found " +
+                           ("it missing" if text is None else f"a {type(text).__name__}"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return SampleError(path, sid, f"'exp' is not valid Unicode text (lone surrogate escape): {text!r}")
+    if not normalize_text(text):
+        return SampleError(path, sid, "empty expression ('exp' has no words)")
+    obj_id = exp.get("obj_id")
+    if need_obj_id and (isinstance(obj_id, bool) or not isinstance(obj_id, (str, int)) or not str(obj_id).isdigit()):
+        return SampleError(path, sid, "'obj_id' must be the object's integer id as a string (the annotation "
+                                      "palette index), found " + ("it missing" if obj_id is None else repr(obj_id)))
+    return None
+
+
 def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequence[str]):
-    """(samples, problems): one sample per (video, expression, anchor) plus SampleErrors for broken expressions."""
+    """(samples, problems): one sample per (video, expression, anchor) plus SampleErrors for broken entries."""
     root = Path(root)
     exp_path, meta_path = expressions_path(root, split), root / split / "meta.json"
     expressions, objects_meta = read_videos(exp_path), read_videos(meta_path)
     category_ids = {c: i for i, c in enumerate(categories)}
     samples, problems = [], []
     for vid in video_ids(root, split):
+        problem = video_entry_problem(exp_path, vid, expressions[vid])
+        if problem:
+            problems.append(problem)
+            continue
         frames = tuple(sorted(expressions[vid]["frames"]))
         for exp_id, exp in expressions[vid]["expressions"].items():
-            obj_id = str(exp.get("obj_id"))
+            obj_id = str(exp.get("obj_id")) if isinstance(exp, dict) else "?"
             sid = f"video {vid} exp_id {exp_id} obj_id {obj_id}"
-            objects = objects_meta.get(vid, {}).get("objects", {})
-            if "obj_id" not in exp or obj_id not in objects:
+            problem = expression_problem(exp_path, sid, exp, need_obj_id=True)
+            if problem:
+                problems.append(problem)
+                continue
+            video_meta = objects_meta.get(vid)
+            objects = video_meta.get("objects") if isinstance(video_meta, dict) else None
+            if not isinstance(objects, dict) or obj_id not in objects or not isinstance(objects[obj_id], dict):
                 problems.append(SampleError(meta_path, sid, "expression refers to an object missing from meta.json"))
+                continue
+            if objects[obj_id].get("frames") == []:
+                problems.append(SampleError(meta_path, sid, f"object {obj_id} has no mask in any frame "
+                                                            "(its meta.json 'frames' list is empty)"))
                 continue
             category = objects[obj_id].get("category")
             if category not in category_ids:
@@ -208,7 +285,7 @@ class YTVOSDataset(Dataset):
 
     def __init__(self, root, split: str = "train", num_frames: int = 6, transforms=None,
                  categories: Sequence[str] | None = None, skip_bad_samples: bool = False, rng=None,
-                 max_retries: int = 100):
+                 max_retries: int = 100, skip_log: str | Path | None = None):
         if num_frames < 1:
             raise ValueError(f"YTVOSDataset.num_frames: expected >= 1, got {num_frames}")
         self.root, self.split, self.num_frames = Path(root), split, num_frames
@@ -216,11 +293,16 @@ class YTVOSDataset(Dataset):
         self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
         self.skip_bad_samples, self.rng, self.max_retries = skip_bad_samples, rng or _random, max_retries
         self.skipped: list[dict] = []
+        self.skip_log = None if skip_log is None else Path(skip_log)  # every skip is also appended here (JSONL)
         self._skipped_keys: set[tuple] = set()
+        self._has_mask: dict[tuple[str, str], bool] = {}
         self.samples, problems = list_train_samples(self.root, split, num_frames, self.categories)
+        if problems and not skip_bad_samples:
+            first = problems[0]
+            more = f"{len(problems) - 1} more problem(s) in this split; " if len(problems) > 1 else ""
+            raise SampleError(first.file, first.sample_id, first.reason,
+                              f"{more}data.skip_bad_samples: true skips such samples and records them")
         for err in problems:
-            if not skip_bad_samples:
-                raise err
             self._record_skip(err)
         if not self.samples:
             raise ValueError(f"{expressions_path(self.root, split)}: no usable training samples")
@@ -251,7 +333,21 @@ class YTVOSDataset(Dataset):
             return
         self._skipped_keys.add(key)
         self.skipped.append({**err.record(), "index": index})
+        if self.skip_log is not None:  # one short line per write: appends from several processes stay whole
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.skip_log.open("a") as fh:
+                fh.write(json.dumps({**err.record(), "index": index}) + "\n")
         log.warning("skipping bad Ref-YouTube-VOS sample%s: %s", "" if index is None else f" {index}", err)
+
+    def object_has_mask(self, sample: TrainSample) -> bool:
+        """Whether any annotation PNG of the video contains the object's id (cached; read only when a clip has
+        no frame with the object, to tell a clip that missed the object from an object without any mask)."""
+        key = (sample.video, sample.obj_id)
+        if key not in self._has_mask:
+            self._has_mask[key] = any(
+                bool((load_id_map(self.frame_paths(sample.video, f)[1], sample.sample_id) == int(sample.obj_id)).any())
+                for f in sample.frames)
+        return self._has_mask[key]
 
     def frame_paths(self, video: str, frame: str) -> tuple[Path, Path]:
         split_dir = self.root / self.split
@@ -271,6 +367,9 @@ class YTVOSDataset(Dataset):
             masks.append(torch.from_numpy(mask))
             valid.append(int(mask.any()))
             boxes.append(torch.tensor(bounding_box(mask) if mask.any() else (0, 0, 0, 0), dtype=torch.float32))
+        if not any(valid) and not self.object_has_mask(sample):
+            raise SampleError(self.root / self.split / "Annotations" / sample.video, sample.sample_id,
+                              f"object id {sample.obj_id} has no mask in any annotation PNG of the video")
         w, h = clip[0].size
         boxes = torch.stack(boxes)  # [T, 4] absolute xyxy
         boxes[:, 0::2].clamp_(min=0, max=w)
@@ -320,11 +419,17 @@ def inference_videos(root, split: str = "valid", expected_count: int | None = No
 
 def inference_expressions(root, split: str = "valid", videos: Sequence[str] | None = None) -> list[Expression]:
     """Every expression of every inference video, grouped by video (sorted) in meta order."""
-    meta = read_videos(expressions_path(root, split))
+    path = expressions_path(root, split)
+    meta = read_videos(path)
     out = []
     for vid in videos if videos is not None else inference_videos(root, split):
         if vid not in meta:
-            raise KeyError(f"{expressions_path(root, split)}: no video {vid!r}")
+            raise KeyError(f"{path}: no video {vid!r}")
+        problem = video_entry_problem(path, vid, meta[vid]) or next(
+            (p for e, x in meta[vid]["expressions"].items()
+             if (p := expression_problem(path, f"video {vid} exp_id {e}", x, need_obj_id=False))), None)
+        if problem:
+            raise problem
         for exp_id, exp in meta[vid]["expressions"].items():
             obj_id = exp.get("obj_id")
             out.append(Expression(vid, str(exp_id), normalize_text(exp["exp"]), tuple(meta[vid]["frames"]),

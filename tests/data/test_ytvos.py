@@ -156,8 +156,23 @@ def test_dataloader_batches(bench):
     assert not batch.image_mask.any() and len(batch.captions) == 2 and len(batch.targets) == 2
 
 
-def test_clip_without_valid_frame_is_redrawn(bench_copy):
-    """An expression whose object never appears (all masks empty) is replaced by a random sample."""
+def test_clip_without_valid_frame_is_redrawn(bench):
+    """A clip left without a valid frame by the transforms (e.g. a crop) is replaced by a random sample."""
+    first_video = dataset(bench).samples[0].video
+
+    def drop_first_video(clip, target):  # stands in for a crop that misses the object
+        imgs, target = dataset(bench).transforms(clip, target)
+        if target["video"] == first_video:
+            target["valid"] = torch.zeros_like(target["valid"])
+        return imgs, target
+
+    ds = dataset(bench, transforms=drop_first_video)
+    _, t = ds[0]
+    assert t["video"] != first_video and t["valid"].any()
+
+
+def test_object_without_any_mask_is_a_data_error(bench_copy):
+    """An expression whose object id is in no annotation PNG is reported, not silently redrawn forever."""
     path = bench_copy / "meta_expressions" / "train" / "meta_expressions.json"
     exps = json.loads(path.read_text())
     vid = next(iter(exps["videos"]))
@@ -166,12 +181,12 @@ def test_clip_without_valid_frame_is_redrawn(bench_copy):
     path.write_text(json.dumps(exps))
     meta_path = bench_copy / "train" / "meta.json"
     objects = json.loads(meta_path.read_text())
-    objects["videos"][vid]["objects"]["7"] = {"category": "circle", "frames": []}
+    objects["videos"][vid]["objects"]["7"] = {"category": "circle"}  # no frame list to tell it in advance
     meta_path.write_text(json.dumps(objects))
     ds = dataset(bench_copy)
     assert ds.samples[0].video == vid and ds.samples[0].obj_id == "7"
-    _, t = ds[0]
-    assert t["video"] != vid and t["valid"].any()
+    with pytest.raises(SampleError, match=rf"Annotations/{vid}: object id 7 has no mask in any annotation PNG"):
+        ds[0]
 
 
 def corrupt_video_frames(root: Path, vid: str) -> Path:

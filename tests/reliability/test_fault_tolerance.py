@@ -1,0 +1,167 @@
+"""Fault injection on the train stage with Ray on CPU (toy size): a Ray Train worker SIGKILLed in the middle of
+an epoch, the stage's driver SIGKILLed and rerun, and a two-node cluster. Every run must end with exactly the
+losses, metrics and weights of one uninterrupted single-node run with the same seed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import load_pipeline_config
+from pipeline.faults import read_events
+from tests.conftest import REPO
+from tests.reliability.conftest import FAULT_TRAIN, assert_identical, comparable, write_params
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session (2 one-CPU workers + the controller); call it to (re)start it."""
+    import ray
+
+    def start():
+        if not ray.is_initialized():
+            ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+
+    start()
+    yield start
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, toy_data, local_ray):
+    """The uninterrupted run every faulty run is compared with."""
+    from pipeline.train import run_training
+
+    local_ray()
+    params = write_params(tmp_path_factory.mktemp("reference"), toy_data, train=FAULT_TRAIN)
+    return comparable(run_training(load_pipeline_config(params)))
+
+
+def logged_steps(loss_csv: Path) -> list[int]:
+    try:
+        rows = loss_csv.read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return []
+    return [int(r.split(",")[0]) for r in rows if r.split(",")[0].isdigit()]
+
+
+def wait_for_step(loss_csv: Path, step: int, timeout: float, alive=lambda: True) -> None:
+    deadline = time.time() + timeout
+    while not any(s >= step for s in logged_steps(loss_csv)):
+        if time.time() > deadline or not alive():
+            raise AssertionError(f"step {step} never reached in {loss_csv}")
+        time.sleep(0.05)
+
+
+def ray_train_workers() -> list[psutil.Process]:
+    """The Ray Train worker processes started by this test process (Ray's raylet is our child)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint_with_identical_result(tmp_path, toy_data, local_ray,
+                                                                                    reference):
+    from pipeline.train import run_dir, run_training
+
+    local_ray()
+    cfg = load_pipeline_config(write_params(tmp_path, toy_data, train=FAULT_TRAIN, ray=dict(max_failures=1)))
+    folder = run_dir(cfg)
+    killed = {}
+
+    def kill_one_worker():  # after step 4, the first step of the second epoch, one checkpoint on disk
+        wait_for_step(folder / "loss.csv", 4, timeout=300)
+        victim = max(ray_train_workers(), key=lambda p: p.pid)
+        killed["checkpoints"] = sorted(p.name for p in folder.glob("epoch_*.pth"))
+        killed["step"] = max(logged_steps(folder / "loss.csv"))
+        os.kill(victim.pid, signal.SIGKILL)
+        killed["pid"] = victim.pid
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    out = run_training(cfg)
+    killer.join(timeout=5)
+
+    assert killed.get("pid") and not psutil.pid_exists(killed["pid"]), "the worker was not killed"
+    assert killed["checkpoints"] and killed["step"] % 3 != 0, f"kill not mid-epoch: {killed}"
+    events = [e for e in read_events(folder) if e["event"] in ("start", "resume")]
+    assert [e["event"] for e in events] == ["start", "resume"], events
+    resume = events[1]
+    assert Path(resume["checkpoint"]).name == killed["checkpoints"][-1]  # the last checkpoint, not an older one
+    assert resume["epoch"] == int(killed["checkpoints"][-1][6:10]) + 1
+    assert_identical(comparable(out), reference)
+
+
+def test_driver_sigkill_then_rerun_resumes_with_identical_result(tmp_path, toy_data, local_ray, reference):
+    """`python -m pipeline.train` (what `dvc repro` runs) is SIGKILLed mid-epoch; the rerun resumes from the
+    newest checkpoint, every checkpoint on disk is whole, and the result equals the uninterrupted run."""
+    from bifit.checkpoint import load_checkpoint
+    from pipeline.train import run_dir, run_training
+
+    params = write_params(tmp_path, toy_data, train=FAULT_TRAIN)
+    folder = run_dir(load_pipeline_config(params))
+    with open(tmp_path / "driver.log", "w") as log:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set by mlflow in this process
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", str(params)], cwd=REPO,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_step(folder / "loss.csv", 4, timeout=300, alive=lambda: driver.poll() is None)
+        started_by_driver = psutil.Process(driver.pid).children(recursive=True)  # Ray's processes
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    for proc in started_by_driver:  # what a scheduler does to the killed job's process tree, by process id
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started_by_driver, timeout=30)
+    assert driver.returncode == -signal.SIGKILL
+    on_disk = sorted(folder.glob("epoch_*.pth"))
+    assert on_disk and all(load_checkpoint(p)["epoch"] == int(p.stem[6:]) for p in on_disk)  # none half-written
+
+    local_ray()
+    out = run_training(load_pipeline_config(params))  # the rerun
+
+    events = read_events(folder)
+    assert [e["event"] for e in events].count("driver_start") == 2
+    resume = [e for e in events if e["event"] == "resume"]
+    assert len(resume) == 1 and Path(resume[0]["checkpoint"]).name == on_disk[-1].name
+    assert_identical(comparable(out), reference)
+
+
+def test_two_node_cluster_one_worker_per_node_matches_single_node(tmp_path, toy_data, reference):
+    """A local two-node Ray cluster (ray.cluster_utils.Cluster), one CPU per node, so each of the two one-CPU
+    workers runs on its own node; gloo talks over loopback. Same result as the single-node reference."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.train import run_training
+
+    ray.shutdown()  # the session's local Ray; later tests restart it through the local_ray fixture
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2 and all(n["Resources"].get("CPU") == 1 for n in nodes)
+        out = run_training(load_pipeline_config(write_params(tmp_path, toy_data, train=FAULT_TRAIN)))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert_identical(comparable(out), reference)
