@@ -5,7 +5,7 @@
     python -m pipeline.compare --parent SWEEP_RUN_ID     # the trials of one sweep (pipeline/tune.py)
     python -m pipeline.compare --parent latest --group-by variant   # mean ± std over seeds per variant
 
-The tracking store is MLFLOW_TRACKING_URI, else `--tracking-uri`, else params.yaml's `mlflow.tracking_uri`.
+The tracking store is `--tracking-uri`, else MLFLOW_TRACKING_URI, else params.yaml's `mlflow.tracking_uri`.
 Runs are shown with their name, status, the tags `variant` and `seed` when set, any `--columns` (params or
 tags) and the `--metrics` (default: the Ref-YouTube-VOS J&F, J, F and the shuffled-expression control).
 """
@@ -28,13 +28,8 @@ class CompareError(ValueError):
 
 
 def tracking_uri(params: Path, explicit: str | None = None) -> str:
-    import os
-
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if explicit:
-        return explicit
-    return load_pipeline_config(params).mlflow.resolved_uri()
+    """`--tracking-uri`, else the user's MLFLOW_TRACKING_URI, else params.yaml's `mlflow.tracking_uri`."""
+    return explicit or load_pipeline_config(params).mlflow.resolved_uri()
 
 
 def latest_sweep(client, experiment: str):

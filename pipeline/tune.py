@@ -115,8 +115,12 @@ def plan_trials(cfg: PipelineConfig, source: str = "params.yaml") -> list[TrialS
 
 
 def sweep_hash(cfg: PipelineConfig) -> str:
-    """Identifies the sweep: the base training settings, evaluation and the tune section."""
-    blob = json.dumps({"training": cfg.training_dict(), "eval": to_dict(cfg.eval), "tune": to_dict(cfg.tune)},
+    """Identifies the sweep: the base training settings, evaluation, the grid, the seeds and the trial budget
+    (not the resources: rerunning with another concurrency continues the same sweep)."""
+    t = cfg.tune
+    what = {"grid": t.grid, "seeds": t.seeds, "trial_overrides": t.trial_overrides,
+            "eval_max_expressions": t.eval_max_expressions, "experiment": t.experiment}
+    blob = json.dumps({"training": cfg.training_dict(), "eval": to_dict(cfg.eval), "tune": what},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -253,6 +257,37 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     return result
 
 
+def child_run_of_sweep(spec: TrialSpec, result: dict, parent_run_id: str, sweep: str, folder: Path) -> str:
+    """The trial's child run under this sweep's parent. A trial stored by another sweep (other seeds or grid,
+    same trial settings) gets a child run here too, recording the stored result (tag `reused_from`)."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    links = folder / "child_runs.json"
+    linked = json.loads(links.read_text()) if links.exists() else {}
+    client = MlflowClient(tracking_uri=spec.cfg.mlflow.resolved_uri())
+    for run_id in (result["mlflow_run_id"], linked.get(spec.key)):
+        if run_id is None:
+            continue
+        try:
+            if client.get_run(run_id).data.tags.get("mlflow.parentRunId") == parent_run_id:
+                return run_id
+        except MlflowException:
+            continue
+    tags = {"mlflow.parentRunId": parent_run_id, "stage": "tune", "kind": "trial", "sweep": sweep,
+            "variant": spec.name, "seed": str(spec.seed), "trial_key": spec.key, "reused_from": result["mlflow_run_id"],
+            "config_hash": spec.cfg.training_hash(), "checkpoint": result["checkpoint"],
+            **{k: _value_text(v) for k, v in spec.variant.items()}}
+    run = client.create_run(_experiment_id(client, spec.cfg), run_name=f"{spec.name} seed={spec.seed}", tags=tags)
+    params = [Param(k, str(v)[:500]) for k, v in flatten(spec.cfg.training_dict()).items()]
+    client.log_batch(run.info.run_id, metrics=_mlflow_metrics(result), params=params)
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    linked[spec.key] = run.info.run_id
+    links.write_text(json.dumps(linked, indent=1))
+    return run.info.run_id
+
+
 def _mlflow_metrics(result: dict) -> list:
     from mlflow.entities import Metric
 
@@ -314,6 +349,7 @@ def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: 
             failed.append({"variant": t.name, "seed": t.seed, "key": t.key,
                            "error": errors.get(t.key, "no result stored (see the Ray Tune log)")})
             continue
+        result["mlflow_run_id"] = child_run_of_sweep(t, result, parent_run_id, sweep, sweep_dir)
         rows.append(trial_row(result, cfg.tune.grid))
     variants = group_rows(rows, "variant", SUMMARY_METRICS + ("num_parameters",), keep=list(cfg.tune.grid))
     out_dir = _absolute(cfg.tune.results_dir)
@@ -340,6 +376,9 @@ def _run_tuner(cfg, trials, parent_run_id, sweep, storage, ray_init_kwargs) -> d
         else:  # per running trial: its driver (evaluates) + the Ray Train workers
             kwargs.setdefault("num_cpus", tc.max_concurrent_trials * (1 + tc.num_workers * tc.cpus_per_worker))
         kwargs.setdefault("include_dashboard", False)
+        # every trial and Ray Train worker logs to the driver's MLflow store, whatever their inherited environment
+        runtime_env = kwargs.setdefault("runtime_env", {})
+        runtime_env.setdefault("env_vars", {})["MLFLOW_TRACKING_URI"] = cfg.mlflow.resolved_uri()
         ray.init(**kwargs)
     try:
         trainable = ray.tune.with_resources(

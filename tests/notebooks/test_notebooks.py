@@ -41,7 +41,7 @@ def toy(tmp_path_factory):
     generate.main(["--params", str(params)])
     cfg = load_pipeline_config(params)
     single = _checkpoint(cfg, tmp / "single.pth", 0, 1)
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     exp = client.create_experiment("toy-ablations", artifact_location=(tmp / "artifacts").as_uri())
     parent = client.create_run(exp, run_name="sweep-toy", tags={"kind": "sweep"}).info.run_id
     for name, layers in VARIANTS.items():
@@ -57,9 +57,12 @@ def toy(tmp_path_factory):
     return tmp, params, cfg, single, parent
 
 
-def _run(notebook, out_nb, parameters):
+def _run(notebook, out_nb, parameters, tmp, monkeypatch):
+    """Execute with papermill in a kernel that sees only the toy MLflow store."""
     import papermill
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parameters = {**parameters, "tracking_uri": f"sqlite:///{tmp}/mlflow.db"}
     papermill.execute_notebook(str(REPO / "notebooks" / notebook), str(out_nb), parameters=parameters,
                                cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)
     return json.loads(out_nb.read_text())
@@ -73,10 +76,10 @@ def _text(nb) -> str:
     return "\n".join(parts)
 
 
-def test_qualitative_notebook_writes_overlay_gif(toy):
+def test_qualitative_notebook_writes_overlay_gif(toy, monkeypatch):
     tmp, params, cfg, single, _ = toy
     nb = _run("qualitative.ipynb", tmp / "qualitative.out.ipynb", dict(
-        checkpoint=str(single), params=str(params), out_dir=str(tmp / "qual"), max_frames=3))
+        checkpoint=str(single), params=str(params), out_dir=str(tmp / "qual"), max_frames=3), tmp, monkeypatch)
     text = _text(nb)
     assert "chosen query" in text and "J&F" in text and "referred query, (x, y) per frame" in text
     gifs = list((tmp / "qual").glob("*.gif"))
@@ -88,26 +91,26 @@ def test_qualitative_notebook_writes_overlay_gif(toy):
     assert len(images) >= 3  # overlay grid, query scores, reference points
 
 
-def test_qualitative_notebook_custom_expression_from_mlflow_run(toy):
+def test_qualitative_notebook_custom_expression_from_mlflow_run(toy, monkeypatch):
     """The checkpoint given as an MLflow run id, and a sentence typed by the user (no ground truth then)."""
     from mlflow.tracking import MlflowClient
 
     tmp, params, cfg, single, parent = toy
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     child = client.search_runs([client.get_run(parent).info.experiment_id],
                                "tags.variant = 'inter_frame_layers=1' and tags.seed = '0'")[0]
     nb = _run("qualitative.ipynb", tmp / "custom.out.ipynb", dict(
         checkpoint=child.info.run_id, params=str(params), out_dir=str(tmp / "custom"), max_frames=2,
-        custom_expression="the red circle on the left"))
+        custom_expression="the red circle on the left"), tmp, monkeypatch)
     text = _text(nb)
     assert "'the red circle on the left'" in text and "J&F" not in text
     assert [p.name.endswith("_custom.gif") for p in (tmp / "custom").glob("*.gif")] == [True]
 
 
-def test_ablations_notebook_plots_variants_and_disputed_frames(toy):
+def test_ablations_notebook_plots_variants_and_disputed_frames(toy, monkeypatch):
     tmp, params, cfg, _, parent = toy
     nb = _run("ablations.ipynb", tmp / "ablations.out.ipynb", dict(
-        params=str(params), sweep="latest", out_dir=str(tmp / "abl"), max_frames=4, top_k=2))
+        params=str(params), sweep="latest", out_dir=str(tmp / "abl"), max_frames=4, top_k=2), tmp, monkeypatch)
     text = _text(nb)
     assert "4 finished trial runs" in text
     assert "frames where the variants disagree most" in text

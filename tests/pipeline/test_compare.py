@@ -12,7 +12,6 @@ JF = {("a", 0): 0.30, ("a", 1): 0.40, ("b", 0): 0.55, ("b", 1): 0.65}
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("compare")
@@ -39,7 +38,6 @@ def store(tmp_path_factory):
         children[(variant, seed)] = rid
     stray = client.create_run(other, run_name="train-x").info.run_id
     client.log_metric(stray, "ytvos_jf", 0.2)
-    mlflow.set_tracking_uri(uri)
     return tmp, params, uri, parent, children, stray, client
 
 

@@ -79,15 +79,26 @@ def test_group_rows_mean_and_sample_std():
     assert format_mean_std(b["jf_mean"], b["jf_std"]) == "0.5000"
 
 
+def _hermetic_mlflow(mp):
+    """The toy params' MLflow store, whatever MLFLOW_TRACKING_URI the shell (or an earlier test) has set."""
+    import pipeline.config
+
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if hasattr(pipeline.config, "USER_MLFLOW_TRACKING_URI"):
+        mp.setattr(pipeline.config, "USER_MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     from pipeline import generate, tune
 
     tmp = tmp_path_factory.mktemp("tune")
     params = _sweep_params(tmp)
-    generate.main(["--params", str(params)])
-    out = tune.main(["--params", str(params)])
-    return tmp, params, out
+    with pytest.MonkeyPatch.context() as mp:
+        _hermetic_mlflow(mp)
+        generate.main(["--params", str(params)])
+        out = tune.main(["--params", str(params)])
+        yield tmp, params, out
 
 
 def test_sweep_table_has_every_trial_with_real_metrics(sweep):
@@ -162,3 +173,36 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
     assert again["sweep"] == out["sweep"] and again["parent_run_id"] == out["parent_run_id"]
     assert {r["mlflow_run_id"] for r in again["trials"]} == {r["mlflow_run_id"] for r in out["trials"]}
     assert len(_read_csv(tmp / "tune-results/trials.csv")) == 4
+
+
+def test_a_sweep_over_fewer_seeds_reuses_the_stored_trials_as_its_own_children(sweep):
+    """Another sweep (here: seed 0 only) whose trials were trained already trains nothing and gets its own
+    parent run with one child per trial, pointing at the run that trained it."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tune
+    from pipeline.config import load_pipeline_config
+
+    tmp, params, out = sweep
+    raw = yaml.safe_load(params.read_text())
+    raw["tune"]["seeds"] = [0]
+    raw["tune"]["max_concurrent_trials"] = 1  # resources do not make another sweep
+    other = tmp / "params_seed0.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp / "tune/train").glob("*/epoch_*.pth")}
+    again = tune.main(["--params", str(other)])
+    assert again["sweep"] != out["sweep"] and again["parent_run_id"] != out["parent_run_id"]
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    children = client.search_runs([client.get_run(again["parent_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{again['parent_run_id']}'")
+    first = {r["trial_key"]: r for r in out["trials"]}
+    assert len(children) == 2 == len(again["trials"])
+    for child in children:
+        original = first[child.data.tags["trial_key"]]
+        assert child.data.tags["seed"] == "0" and child.data.tags["reused_from"] == original["mlflow_run_id"]
+        assert child.data.metrics["ytvos_jf"] == pytest.approx(original["jf"])
+    assert {r["mlflow_run_id"] for r in again["trials"]} == {c.info.run_id for c in children}
+    raw["tune"]["seeds"], raw["tune"]["max_concurrent_trials"] = [0, 1], 1
+    other.write_text(yaml.safe_dump(raw))
+    assert tune.sweep_hash(load_pipeline_config(other)) == out["sweep"]
