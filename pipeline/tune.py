@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,8 @@ from bifit.report import format_mean_std, group_rows, markdown_table, write_csv
 from pipeline.config import REPO, PipelineConfig, load_pipeline_config
 
 log = logging.getLogger("pipeline.tune")
-METRICS = ("jf", "j", "f", "jf_shuffled", "jf_gain_over_shuffled")
-SUMMARY_METRICS = METRICS + ("train_loss", "wall_seconds")
+YTVOS_METRICS = ("jf", "j", "f", "jf_shuffled", "jf_gain_over_shuffled")
+LABELS = {"jf": "J&F", "j": "J", "f": "F", "jf_shuffled": "J&F shuffled", "jf_gain_over_shuffled": "J&F gain"}
 RESULT_FORMAT = "bifit-tune-trial-v1"
 
 
@@ -95,7 +96,7 @@ def trial_config(cfg: PipelineConfig, variant: dict, seed: int) -> PipelineConfi
 
 def trial_key(cfg: PipelineConfig) -> str:
     evaluation = {"eval": to_dict(cfg.eval), "eval_short_side": cfg.data.eval_short_side,
-                  "max_expressions": cfg.tune.eval_max_expressions}
+                  "benchmark": cfg.tune.benchmark, "max_expressions": cfg.tune.eval_max_expressions}
     blob = json.dumps({"training": cfg.training_dict(), "evaluation": evaluation}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -119,7 +120,7 @@ def sweep_hash(cfg: PipelineConfig) -> str:
     (not the resources: rerunning with another concurrency continues the same sweep)."""
     t = cfg.tune
     what = {"grid": t.grid, "seeds": t.seeds, "trial_overrides": t.trial_overrides,
-            "eval_max_expressions": t.eval_max_expressions, "experiment": t.experiment}
+            "benchmark": t.benchmark, "eval_max_expressions": t.eval_max_expressions, "experiment": t.experiment}
     blob = json.dumps({"training": cfg.training_dict(), "eval": to_dict(cfg.eval), "tune": what},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -185,7 +186,7 @@ def start_parent_run(cfg: PipelineConfig, sweep: str, folder: Path) -> str:
                             tags={"stage": "tune", "sweep": sweep, "kind": "sweep"})
     params = {"grid": json.dumps(cfg.tune.grid), "seeds": json.dumps(cfg.tune.seeds),
               "trial_overrides": json.dumps(cfg.tune.trial_overrides),
-              "eval_max_expressions": str(cfg.tune.eval_max_expressions)}
+              "benchmark": cfg.tune.benchmark, "eval_max_expressions": str(cfg.tune.eval_max_expressions)}
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value[:500])
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import build_from_checkpoint, evaluate
+    from pipeline.evaluate import build_from_checkpoint
     from pipeline.train import run_dir, run_training
 
     cfg = spec.cfg
@@ -236,13 +237,13 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
         out = run_training(cfg)
         torch.set_num_threads(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
         model, tokenizer, _ = build_from_checkpoint(cfg, Path(out["final"]["path"]))
-        metrics, _, per_video = evaluate(cfg, model, tokenizer, None, cfg.tune.eval_max_expressions)
+        metrics, per_video = evaluate_trial(cfg, model, tokenizer, folder)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     result = {
         "format": RESULT_FORMAT, "key": spec.key, "variant": spec.name, "grid": spec.variant, "seed": spec.seed,
-        "metrics": metrics, "per_video_jf": per_video,
+        "benchmark": cfg.tune.benchmark, "metrics": metrics, "per_video_jf": per_video,
         "train_loss": float(out["final"]["metrics"].get("train_loss", math.nan)),
         "train_steps": int(out["final"]["metrics"].get("train_steps", 0)),
         "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -255,6 +256,32 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     client.set_terminated(run_id, status="FINISHED")
     write_result(result_path(cfg, spec.key), result)
     return result
+
+
+def evaluate_trial(cfg: PipelineConfig, model, tokenizer, folder: Path) -> tuple[dict, dict | None]:
+    """(metrics, J&F per video or None) on `tune.benchmark`; ytvos: the first `tune.eval_max_expressions`."""
+    from pipeline.evaluate import evaluate
+
+    name = cfg.tune.benchmark
+    if name == "ytvos":
+        metrics, _, per_video = evaluate(cfg, model, tokenizer, None, cfg.tune.eval_max_expressions)
+        return metrics, per_video
+    from pipeline.evaluate_dataset import EVALUATORS
+
+    return EVALUATORS[name](cfg, model, tokenizer, folder / f"eval-{name}", folder / f"eval-{name}.csv"), None
+
+
+def metric_names(benchmark: str, results: list[dict]) -> list[str]:
+    """The table's metric columns: J&F, J, F and the shuffled control for ytvos, else every numeric metric."""
+    if benchmark == "ytvos":
+        return list(YTVOS_METRICS)
+    names: list[str] = []
+    for r in results:
+        for k, v in r["metrics"].items():
+            if (isinstance(v, int | float) and not isinstance(v, bool) and k not in names
+                    and not k.startswith("num_") and not k.endswith("_seconds")):
+                names.append(k)
+    return names
 
 
 def child_run_of_sweep(spec: TrialSpec, result: dict, parent_run_id: str, sweep: str, folder: Path) -> str:
@@ -292,10 +319,11 @@ def _mlflow_metrics(result: dict) -> list:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    values = {f"ytvos_{k}": v for k, v in result["metrics"].items()}
+    prefix = result.get("benchmark", "ytvos")
+    values = {re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"{prefix}_{k}"): v for k, v in result["metrics"].items()}
     values.update(wall_seconds=result["wall_seconds"], num_parameters=result["num_parameters"],
                   final_train_loss=result["train_loss"])
-    return [Metric(k, float(v), ts, 0) for k, v in values.items() if isinstance(v, (int, float))]
+    return [Metric(k, float(v), ts, 0) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)]
 
 
 def run_trial(config: dict, specs: dict, parent_run_id: str, sweep: str) -> None:
@@ -342,7 +370,7 @@ def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: 
     errors: dict[str, str] = {}
     if todo:
         errors = _run_tuner(cfg, trials, parent_run_id, sweep, storage, ray_init_kwargs)
-    rows, failed = [], []
+    results, failed = [], []
     for t in trials:
         result = read_result(result_path(t.cfg, t.key))
         if result is None:
@@ -350,11 +378,14 @@ def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: 
                            "error": errors.get(t.key, "no result stored (see the Ray Tune log)")})
             continue
         result["mlflow_run_id"] = child_run_of_sweep(t, result, parent_run_id, sweep, sweep_dir)
-        rows.append(trial_row(result, cfg.tune.grid))
-    variants = group_rows(rows, "variant", SUMMARY_METRICS + ("num_parameters",), keep=list(cfg.tune.grid))
+        results.append(result)
+    names = metric_names(cfg.tune.benchmark, results)
+    rows = [trial_row(r, cfg.tune.grid, names) for r in results]
+    variants = group_rows(rows, "variant", [*names, "train_loss", "wall_seconds", "num_parameters"],
+                          keep=list(cfg.tune.grid))
     out_dir = _absolute(cfg.tune.results_dir)
-    write_tables(cfg, sweep, rows, variants, failed, out_dir)
-    _finish_parent_run(cfg, parent_run_id, out_dir, variants, failed)
+    write_tables(cfg, sweep, rows, variants, failed, out_dir, names)
+    _finish_parent_run(cfg, parent_run_id, out_dir, variants, failed, names)
     log.info("sweep %s: %d trials in the table, %d failed, %.0f s; tables in %s", sweep, len(rows), len(failed),
              time.time() - t0, out_dir)
     return {"trials": rows, "variants": variants, "failed": failed, "sweep": sweep, "parent_run_id": parent_run_id,
@@ -404,53 +435,59 @@ def _run_tuner(cfg, trials, parent_run_id, sweep, storage, ray_init_kwargs) -> d
     return errors
 
 
-def trial_row(result: dict, grid: dict) -> dict:
+def trial_row(result: dict, grid: dict, names: list[str]) -> dict:
     """One table row of a stored trial."""
     m = result["metrics"]
     row = {"variant": result["variant"], **{k: result["grid"].get(k) for k in grid}, "seed": result["seed"]}
-    row.update({k: m.get(k, math.nan) for k in METRICS})
+    row.update({k: float(m.get(k, math.nan)) for k in names})
     row.update(num_expressions=m.get("num_expressions"), train_loss=result["train_loss"],
                train_steps=result["train_steps"], num_parameters=result["num_parameters"],
                wall_seconds=result["wall_seconds"], mlflow_run_id=result["mlflow_run_id"], trial_key=result["key"])
     return row
 
 
-def write_tables(cfg, sweep: str, rows: list[dict], variants: list[dict], failed: list[dict], out_dir: Path) -> None:
+def write_tables(cfg, sweep: str, rows: list[dict], variants: list[dict], failed: list[dict], out_dir: Path,
+                 names: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_keys = list(cfg.tune.grid)
     write_csv(out_dir / "trials.csv", rows)
     write_csv(out_dir / "variants.csv", variants)
-    summary = {"sweep": sweep, "num_trials": len(rows), "num_failed": len(failed),
+    summary = {"sweep": sweep, "benchmark": cfg.tune.benchmark, "num_trials": len(rows), "num_failed": len(failed),
                "variants": {v["variant"]: {"n": v["n"], **{f"{m}_{s}": _json_float(v[f"{m}_{s}"])
-                                                          for m in METRICS for s in ("mean", "std")}}
+                                                          for m in names for s in ("mean", "std")}}
                             for v in variants}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(cfg, sweep, rows, variants, failed, grid_keys))
+    (out_dir / "results.md").write_text(results_markdown(cfg, sweep, rows, variants, failed, grid_keys, names))
 
 
 def _json_float(x: float):
     return None if math.isnan(x) else round(x, 6)
 
 
-def results_markdown(cfg, sweep, rows, variants, failed, grid_keys) -> str:
+def results_markdown(cfg, sweep, rows, variants, failed, grid_keys, names) -> str:
     short = [_short(k, grid_keys) for k in grid_keys]
+    shown = names[:4]  # ytvos: J&F, J, F, J&F shuffled (every metric is in the CSV files)
+    labels = [LABELS.get(m, m) for m in shown]
+    if cfg.tune.benchmark == "ytvos":
+        evaluation = (f"{rows[0]['num_expressions'] if rows else '?'} Ref-YouTube-VOS valid expressions "
+                      f"(`{cfg.data.root}`)")
+    else:
+        evaluation = f"the `{cfg.tune.benchmark}` benchmark (pipeline/evaluate_dataset.py)"
     lines = [f"# Ablation sweep `{sweep}`\n",
              f"Grid: {', '.join(f'`{k}` {json.dumps(v)}' for k, v in cfg.tune.grid.items())}; seeds "
              f"{cfg.tune.seeds}; per-trial budget {json.dumps(cfg.tune.trial_overrides)}; evaluation on "
-             f"{rows[0]['num_expressions'] if rows else '?'} Ref-YouTube-VOS valid expressions "
-             f"(`{cfg.data.root}`). Mean ± sample standard deviation over seeds.\n",
+             f"{evaluation}. Mean ± sample standard deviation over seeds.\n",
              "## Per variant\n"]
-    headers = short + ["seeds", "J&F", "J", "F", "J&F shuffled", "train loss", "parameters", "wall s"]
+    headers = short + ["seeds", *labels, "train loss", "parameters", "wall s"]
     lines.append(markdown_table(headers, [
         [*(v[k] for k in grid_keys), v["n"], *(format_mean_std(v[f"{m}_mean"], v[f"{m}_std"])
-                                               for m in ("jf", "j", "f", "jf_shuffled", "train_loss")),
+                                               for m in [*shown, "train_loss"]),
          f"{v['num_parameters_mean']:,.0f}", format_mean_std(v["wall_seconds_mean"], v["wall_seconds_std"], 0)]
         for v in variants]))
     lines.append("\n## Every trial\n")
-    headers = short + ["seed", "J&F", "J", "F", "J&F shuffled", "train loss", "steps", "parameters", "wall s",
-                       "MLflow run"]
+    headers = short + ["seed", *labels, "train loss", "steps", "parameters", "wall s", "MLflow run"]
     lines.append(markdown_table(headers, [
-        [*(r[k] for k in grid_keys), r["seed"], r["jf"], r["j"], r["f"], r["jf_shuffled"], r["train_loss"],
+        [*(r[k] for k in grid_keys), r["seed"], *(r[m] for m in shown), r["train_loss"],
          r["train_steps"], f"{r['num_parameters']:,}", f"{r['wall_seconds']:.0f}", r["mlflow_run_id"][:12]]
         for r in rows]))
     if failed:
@@ -460,15 +497,18 @@ def results_markdown(cfg, sweep, rows, variants, failed, grid_keys) -> str:
     return "\n".join(lines)
 
 
-def _finish_parent_run(cfg, run_id: str, out_dir: Path, variants: list[dict], failed: list[dict]) -> None:
+def _finish_parent_run(cfg, run_id: str, out_dir: Path, variants: list[dict], failed: list[dict],
+                       names: list[str]) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
     for name in ("results.md", "trials.csv", "variants.csv", "summary.json"):
         client.log_artifact(run_id, str(out_dir / name), artifact_path="tables")
-    best = max((v for v in variants if not math.isnan(v["jf_mean"])), key=lambda v: v["jf_mean"], default=None)
+    headline = "jf" if "jf" in names else (names[0] if names else None)
+    best = None if headline is None else max((v for v in variants if not math.isnan(v[f"{headline}_mean"])),
+                                             key=lambda v: v[f"{headline}_mean"], default=None)
     if best is not None:
-        client.log_metric(run_id, "best_jf_mean", best["jf_mean"])
+        client.log_metric(run_id, re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"best_{headline}_mean"), best[f"{headline}_mean"])
         client.set_tag(run_id, "best_variant", best["variant"])
     client.log_metric(run_id, "num_failed_trials", len(failed))
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,7 @@ def test_default_plan_is_six_variants_times_two_seeds():
     (dict(grid={"model.bidirectional_vl": "yes"}), r"tune.grid.model.bidirectional_vl: expected a list"),
     (dict(seeds=[]), "tune.seeds: expected a non-empty list"),
     (dict(max_concurrent_trials=0), "tune.max_concurrent_trials: expected an integer >= 1"),
+    (dict(benchmark="kitti"), "tune.benchmark: expected one of ytvos, ytvos_proxy"),
 ])
 def test_bad_sweep_settings_rejected_before_ray_starts(tmp_path, change, message):
     import ray
@@ -206,3 +208,25 @@ def test_a_sweep_over_fewer_seeds_reuses_the_stored_trials_as_its_own_children(s
     raw["tune"]["seeds"], raw["tune"]["max_concurrent_trials"] = [0, 1], 1
     other.write_text(yaml.safe_dump(raw))
     assert tune.sweep_hash(load_pipeline_config(other)) == out["sweep"]
+
+
+def test_trials_can_be_evaluated_on_another_benchmark(sweep):
+    """tune.benchmark: ytvos_proxy evaluates a trial's model on the held-out training videos instead."""
+    from pipeline import preprocess, tune
+    from pipeline.config import load_pipeline_config
+    from pipeline.evaluate import build_from_checkpoint
+
+    tmp, params, _ = sweep
+    cfg = load_pipeline_config(params, overrides={"tune.benchmark": "ytvos_proxy"})
+    preprocess.preprocess(cfg, "ytvos", progress=False)
+    spec = tune.plan_trials(cfg)[0]
+    default_key = tune.plan_trials(load_pipeline_config(params))[0].key
+    assert spec.key != default_key  # the benchmark is part of the trial's identity
+    stored = json.loads((tmp / "tune/results" / f"{default_key}.json").read_text())
+    model, tokenizer, _ = build_from_checkpoint(spec.cfg, Path(stored["checkpoint"]))
+    metrics, per_video = tune.evaluate_trial(spec.cfg, model, tokenizer, tmp / "proxy-eval")
+    assert per_video is None and 0.0 <= metrics["jf"] <= 1.0
+    assert metrics["jf"] == pytest.approx((metrics["j"] + metrics["f"]) / 2, abs=1e-6)
+    names = tune.metric_names("ytvos_proxy", [{"metrics": metrics}])
+    assert {"jf", "j", "f"} <= set(names) and not any(n.startswith("num_") for n in names)
+    assert tune.metric_names("ytvos", []) == list(tune.YTVOS_METRICS)
