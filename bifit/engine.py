@@ -113,9 +113,25 @@ def sample_ids(targets: list[dict]) -> list[str]:
     return ids
 
 
-def nonfinite_message(losses: dict[str, torch.Tensor], total: torch.Tensor, step: int, epoch: int,
-                      targets: list[dict]) -> str | None:
-    """None when the weighted total is finite, else a message naming the step, the bad terms and the samples."""
+def nonfinite_outputs(outputs, prefix: str = "") -> list[str]:
+    """Names of the model outputs holding NaN/inf (e.g. `pred_boxes`, `aux_outputs[0].pred_boxes`): checked before
+    the loss, whose matcher cannot work on non-finite boxes."""
+    if torch.is_tensor(outputs):
+        return [] if not outputs.is_floating_point() or torch.isfinite(outputs).all() else [prefix]
+    if isinstance(outputs, dict):
+        return [n for k, v in outputs.items() for n in nonfinite_outputs(v, f"{prefix}.{k}" if prefix else k)]
+    if isinstance(outputs, (list, tuple)):
+        return [n for i, v in enumerate(outputs) for n in nonfinite_outputs(v, f"{prefix}[{i}]")]
+    return []
+
+
+def nonfinite_message(losses: dict[str, torch.Tensor], total: torch.Tensor | None, step: int, epoch: int,
+                      targets: list[dict], bad_outputs: list[str] = ()) -> str | None:
+    """None when the outputs and the weighted total are finite, else a message naming the step, the bad loss
+    terms (or model outputs) and the samples."""
+    if bad_outputs:
+        return (f"epoch {epoch} step {step}: non-finite model output(s) {', '.join(bad_outputs)} (loss not "
+                f"computed) on samples {sample_ids(targets)}")
     if torch.isfinite(total):
         return None
     bad = [f"{k}={v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
@@ -163,10 +179,11 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
         inputs, targets = batch_inputs(batch, tokenizer, device)
         with autocast:
             outputs = model(**inputs)
-            losses = criterion(outputs, targets)
-            total = criterion.weighted_total(losses)
+            bad_outputs = nonfinite_outputs(outputs)
+            losses = {} if bad_outputs else criterion(outputs, targets)
+            total = None if bad_outputs else criterion.weighted_total(losses)
         global_step += 1
-        problems = gather_nonfinite(nonfinite_message(losses, total, global_step, epoch, targets), device)
+        problems = gather_nonfinite(nonfinite_message(losses, total, global_step, epoch, targets, bad_outputs), device)
         if problems:
             if not skip_nonfinite:
                 raise NonFiniteLossError("; ".join(problems) + " (set train.skip_nonfinite_batches: true to skip "

@@ -80,7 +80,8 @@ def read_json(path: Path) -> dict:
 
 
 def read_skip_log(path) -> list[dict]:
-    """The skips recorded in a ``skip_log`` file (one JSON object per line), duplicates across processes removed."""
+    """The skips recorded in a ``skip_log`` file (one JSON object per line); the same skip recorded by several
+    processes (ranks, DataLoader workers) is kept once."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -88,7 +89,7 @@ def read_skip_log(path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            key = (rec.get("file"), rec.get("id"), rec.get("reason"))
+            key = (rec.get("file"), rec.get("id"), rec.get("reason"), rec.get("index"))
             if key not in seen:
                 seen.add(key)
                 out.append(rec)

@@ -90,3 +90,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session (2 one-CPU workers + the controller); call it to (re)start it."""
+    import ray
+
+    def start():
+        if not ray.is_initialized():
+            ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+
+    start()
+    yield start
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, toy_data, local_ray):
+    """The uninterrupted run every faulty run is compared with."""
+    from pipeline.config import load_pipeline_config
+    from pipeline.train import run_training
+
+    local_ray()
+    params = write_params(tmp_path_factory.mktemp("reference"), toy_data, train=FAULT_TRAIN)
+    return comparable(run_training(load_pipeline_config(params)))
