@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -18,34 +17,7 @@ from pipeline.config import load_pipeline_config
 from pipeline.faults import read_events
 from tests.conftest import REPO
 from tests.reliability.conftest import FAULT_TRAIN, assert_identical, comparable, write_params
-
-
-def logged_steps(loss_csv: Path) -> list[int]:
-    try:
-        rows = loss_csv.read_text().splitlines()[1:]
-    except FileNotFoundError:
-        return []
-    return [int(r.split(",")[0]) for r in rows if r.split(",")[0].isdigit()]
-
-
-def wait_for_step(loss_csv: Path, step: int, timeout: float, alive=lambda: True) -> None:
-    deadline = time.time() + timeout
-    while not any(s >= step for s in logged_steps(loss_csv)):
-        if time.time() > deadline or not alive():
-            raise AssertionError(f"step {step} never reached in {loss_csv}")
-        time.sleep(0.05)
-
-
-def ray_train_workers() -> list[psutil.Process]:
-    """The Ray Train worker processes started by this test process (Ray's raylet is our child)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+from tests.reliability.injection import logged_steps, ray_train_workers, wait_for_step
 
 
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint_with_identical_result(tmp_path, toy_data, local_ray,
