@@ -126,3 +126,5 @@ def test_ray_run_skips_nonfinite_batches_and_logs_the_counter_to_mlflow(tmp_path
     assert metrics["skipped_nonfinite_batches"] == metrics["train_skipped_steps"]
     history = MlflowClient(cfg.mlflow.resolved_uri()).get_metric_history(out["run_id"], "skipped_nonfinite_batches")
     assert [m.value for m in history] == [metrics["train_skipped_steps"]]
+    samples = MlflowClient(cfg.mlflow.resolved_uri()).get_metric_history(out["run_id"], "skipped_samples")
+    assert [m.value for m in samples] == [0]  # the data-skip counter is logged too (clean data: none)
