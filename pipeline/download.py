@@ -96,9 +96,8 @@ def get_real(name: str, root: Path, fetch_missing: bool, progress: bool = True) 
             done["fetched"].append(f.name)
         if f.is_archive:
             if path.is_file():
-                report = extract(path, root / f.extract_to, progress=progress)
-                done["extracted"].append({"archive": f.name, "skipped_complete": report.skipped_complete,
-                                          "files_written": report.files_written})
+                extract(path, root / f.extract_to, progress=progress)
+                done["extracted"].append(f.name)
             else:
                 done["missing"].append(f.name)
     return done

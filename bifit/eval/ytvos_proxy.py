@@ -8,8 +8,8 @@ did not see:
   1, at most N - 1) with the smallest ``sha1("bifit/ref-youtube-vos/proxy/v1/" + video_id)`` are held out,
   written sorted, one id per line, by the preprocess stage (``<prepared>/ytvos/proxy_videos.txt``). The rule
   depends only on the ids, so the list is the same on every machine and for every run, and it changes only if
-  the training set does. ``fraction`` is ``datasets.ytvos_proxy.fraction`` (default 0.1: 6 of the 60 generated
-  videos, 347 of the real 3,471).
+  the training set does. ``fraction`` is ``datasets.ytvos_proxy.fraction`` (default 0.05: 3 of the 60 generated
+  videos, 174 of the real 3,471).
 - **Held out.** With ``datasets.ytvos_proxy.exclude_from_training`` (default true) the train stage drops every
   sample of these videos. A checkpoint trained elsewhere on all training videos (the released ``ytvos_r50.pth``
   included) has seen them: its proxy score is optimistic and is not comparable with the server's valid numbers.
