@@ -143,3 +143,55 @@ def test_summary_table(stages):
     assert f"{100 * metrics['davis']['jf']:.1f} | 60.5 | " in text
     assert "mAP (all queries: the paper's protocol)" in text and "synthetic (not comparable)" in text
     assert text.count("\n| ") == 4 + 3 + 3 + 6 + 6 + 1  # header + ytvos, proxy, davis, a2d, jhmdb rows
+
+
+def test_real_ytvos_writes_masks_for_the_server_and_the_package_stage_zips_them(stages, tmp_path, monkeypatch):
+    import zipfile
+
+    import bifit.data.ytvos as ytvos
+    from pipeline import evaluate_dataset, package
+    from pipeline.config import load_pipeline_config
+
+    tmp, _, _, _, _, _, _ = stages
+    root = shutil.copytree(tmp / "synthetic/ref-youtube-vos", tmp_path / "ref-youtube-vos")
+    meta_path = root / "meta_expressions/valid/meta_expressions.json"
+    meta = json.loads(meta_path.read_text())
+    for video in meta["videos"].values():  # the real valid meta has no obj_id: no local ground truth
+        for exp in video["expressions"].values():
+            exp.pop("obj_id", None)
+    meta_path.write_text(json.dumps(meta))
+    params = _dataset_params(tmp_path, ytvos={"source": "real", "checkpoint": str(tmp / "models/tiny.pth")})
+    raw = yaml.safe_load(params.read_text())
+    raw["data"]["root"] = str(root)
+    raw["model"]["text_encoder"] = str(tmp / "synthetic/te")
+    params.write_text(yaml.safe_dump(raw))
+    cfg = load_pipeline_config(params)
+    monkeypatch.setattr(ytvos, "NUM_VALID_VIDEOS", 1)  # the real competition split has 202 valid videos
+    metrics = evaluate_dataset.evaluate_dataset(cfg, "ytvos", use_mlflow=False)
+    assert metrics["scored_locally"] == 0 and "jf" not in metrics and metrics["num_videos"] == 1
+    zip_path = package.main(["--params", str(params)])
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+    n_frames = sum(len(v["frames"]) * len(v["expressions"]) for k, v in meta["videos"].items()
+                   if k in ytvos.inference_videos(root, "valid"))
+    assert len(names) == n_frames and all(n.startswith("Annotations/") for n in names)
+    monkeypatch.setattr(ytvos, "NUM_VALID_VIDEOS", 202)
+    with pytest.raises(ValueError, match="1 valid videos after filtering, expected 202"):
+        evaluate_dataset.evaluate_dataset(cfg, "ytvos", use_mlflow=False)
+
+
+def test_official_checkpoint_files_are_loaded_for_evaluation(stages, tmp_path):
+    import torch
+
+    from bifit.checkpoint import load_checkpoint, to_official_state_dict
+    from pipeline.evaluate_dataset import load_model
+
+    tmp, _, cfg, _, _, _, _ = stages
+    ours = load_checkpoint(tmp / "models/tiny.pth")["model"]
+    torch.save({"model": to_official_state_dict(ours), "epoch": 9}, tmp_path / "ytvos_r50.pth")
+    model, _, ckpt = load_model(cfg, tmp_path / "ytvos_r50.pth")
+    assert "mlflow_run_id" not in ckpt
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ours.items())
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_model(cfg, tmp_path / "none.pth")
