@@ -133,7 +133,8 @@ def eval_ytvos_proxy(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
     videos = read_video_list(prepared_root(cfg, "ytvos") / PROXY_LIST_NAME)
     metrics, rows = evaluate_proxy(model, tokenizer, Path(cfg.data.root), videos,
                                    short_side=cfg.data.eval_short_side, window=cfg.eval.num_frames or None,
-                                   threshold=cfg.eval.threshold, batch=cfg.eval.batch_expressions, out_dir=pred_dir)
+                                   threshold=cfg.eval.threshold, batch=cfg.eval.batch_expressions, out_dir=pred_dir,
+                                   skip_bad_samples=cfg.data.skip_bad_samples)
     per_video: dict[str, list[float]] = {}
     for r in rows:
         per_video.setdefault(r["video"], []).append(r["jf"])
@@ -147,7 +148,7 @@ def eval_davis(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
 
     result = evaluate_ref_davis_model(model, tokenizer, prepared_root(cfg, "davis"), pred_dir,
                                       short_side=cfg.data.eval_short_side, clip_length=cfg.datasets.davis.clip_length,
-                                      batch=cfg.eval.batch_expressions)
+                                      batch=cfg.eval.batch_expressions, skip_bad_samples=cfg.data.skip_bad_samples)
     write_rows(plot, ["video", "jf"], [[s, f"{v:.6f}"] for s, v in result.per_sequence().items()])
     write_rows(pred_dir / "per_expression.csv", ["video", "exp_id", "annotator", "obj_id", "j", "f", "jf"],
                [[r["video"], r["exp_id"], r["annotator"], r["obj_id"], f"{r['j']:.6f}", f"{r['f']:.6f}",

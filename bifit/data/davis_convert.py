@@ -200,6 +200,10 @@ def convert_ref_davis(raw_root, out_root, *, progress: bool = True) -> dict:
                     metas[seq] = {"expressions": expressions, "frames": frames}
                     if seq not in semantics:
                         raise ConversionError(f"{raw_root / SEMANTICS_JSON}: no categories for sequence {seq!r}")
+                    ghosts = sorted({e["obj_id"] for e in expressions.values()} - set(semantics[seq]))
+                    if ghosts:
+                        notes.append(f"{seq}: expressions refer to object(s) {ghosts} missing from "
+                                     f"{SEMANTICS_JSON} (kept: the protocol matches objects by Hungarian assignment)")
                     meta_objects[seq] = {"objects": {str(i + 1): {"category": semantics[seq][key]}
                                                      for i, key in enumerate(semantics[seq])}}
                     h, w = _frame_size(raw_root / JPEG_DIR / seq / f"{frames[0]}.jpg")

@@ -21,6 +21,8 @@ J/F of label k + 1 against the GT object named by the expression's obj_id (no Hu
 from __future__ import annotations
 
 import csv
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from bifit.data.collate import tokenize
 from bifit.data.davis import VOID_LABEL, RefDavisVideo, load_frames, load_gt_labels, ref_davis_videos
 from bifit.data.davis_convert import NUM_ANNOTATORS
 from bifit.data.synthetic import PALETTE
+from bifit.data.ytvos import SampleError
 from bifit.eval.davis import (
     GLOBAL_MEASURES,
     UnsupervisedResult,
@@ -43,6 +46,8 @@ from bifit.eval.davis import (
     region_similarity,
 )
 from bifit.models.postprocess import video_masks
+
+log = logging.getLogger(__name__)
 
 BACKGROUND_PROB = 0.1
 FOREGROUND_MIN_PROB = 0.5
@@ -124,6 +129,7 @@ class RefDavisEvaluation:
     final: np.ndarray  # (7,) mean over annotators: the reported numbers
     sequences: dict[str, list[UnsupervisedResult]]
     expressions: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"file", "id", "reason"} of sequences left out
 
     def metrics(self) -> dict:
         g = dict(zip(GLOBAL_MEASURES, self.final.tolist()))
@@ -137,6 +143,7 @@ class RefDavisEvaluation:
         out["num_sequences"] = len(self.sequences)
         out["num_objects"] = int(sum(r[0].n_objects for r in self.sequences.values()))
         out["num_expressions"] = len(self.expressions)
+        out["num_skipped_sequences"] = len(self.skipped)
         return out
 
     def per_sequence(self) -> dict[str, float]:
@@ -162,27 +169,45 @@ def write_toolkit_csvs(folder: Path, row: np.ndarray, results: dict[str, Unsuper
 
 def evaluate_ref_davis_model(model, tokenizer, prepared_root, out_dir: Path | None = None, *,
                              short_side: int = 360, clip_length: int = CLIP_LENGTH, batch: int = 8,
-                             max_videos: int | None = None, progress: bool = True) -> RefDavisEvaluation:
+                             max_videos: int | None = None, skip_bad_samples: bool = False,
+                             progress: bool = True) -> RefDavisEvaluation:
     """Run the model on the val sequences, save ``anno_<a>/<seq>/<frame>.png`` under ``out_dir`` (optional) and
-    score them with the Ref-DAVIS17 protocol."""
+    score them with the Ref-DAVIS17 protocol.
+
+    A sequence with a missing or corrupt frame or annotation raises :class:`~bifit.data.ytvos.SampleError`
+    (file and sequence named); with ``skip_bad_samples`` it is left out of the scores, recorded in ``skipped``
+    and, with ``out_dir``, listed in ``<out_dir>/skipped_samples.json`` (the numbers then cover fewer sequences
+    than the official set, and ``num_skipped_sequences`` says so)."""
     videos = ref_davis_videos(prepared_root, "valid")[:max_videos]
     if not videos:
         raise ValueError(f"{prepared_root}: no Ref-DAVIS17 val sequences to evaluate")
     per_seq: dict[str, list[UnsupervisedResult]] = {}
     expressions: list[dict] = []
     n_ann = NUM_ANNOTATORS
+    skipped: list[dict] = []
     for video in tqdm(videos, desc="Ref-DAVIS17", unit="video", disable=not progress):
-        frames, orig_size = load_frames(prepared_root, video, short_side)
+        try:
+            frames, orig_size = load_frames(prepared_root, video, short_side)
+            gt = load_gt_labels(prepared_root, video)
+        except SampleError as err:
+            if not skip_bad_samples:
+                raise
+            log.warning("skipping Ref-DAVIS17 sequence %s: %s", video.name, err)
+            skipped.append(err.record())
+            continue
         pred = predict_label_maps(model, tokenizer, frames, video.captions, orig_size, clip_length, batch)
-        gt = load_gt_labels(prepared_root, video)
         per_seq[video.name] = [evaluate_unsupervised(gt, pred[a], name=f"{video.name} (anno_{a})")
                                for a in range(n_ann)]
         for a in range(n_ann):
             expressions += per_expression_scores(gt, pred[a], video, a)
             if out_dir is not None:
                 save_label_maps(Path(out_dir) / f"anno_{a}" / video.name, video.frames, pred[a])
+    if not per_seq:
+        raise ValueError(f"{prepared_root}: every Ref-DAVIS17 val sequence was skipped: {skipped}")
     rows = np.stack([global_table(res[a] for res in per_seq.values()) for a in range(n_ann)])
     if out_dir is not None:
         for a in range(n_ann):
             write_toolkit_csvs(Path(out_dir) / f"anno_{a}", rows[a], {s: r[a] for s, r in per_seq.items()})
-    return RefDavisEvaluation(rows, rows.mean(axis=0), per_seq, expressions)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "skipped_samples.json").write_text(json.dumps(skipped, indent=1) + "\n")
+    return RefDavisEvaluation(rows, rows.mean(axis=0), per_seq, expressions, skipped)

@@ -22,6 +22,7 @@ did not see:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from bifit.data.ytvos import (
     Expression,
+    SampleError,
     expressions_path,
     inference_expressions,
     load_gt_masks,
@@ -108,11 +110,14 @@ def score_expression(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def evaluate_proxy(model, tokenizer, root, videos: Sequence[str], *, short_side: int = 360,
                    window: int | None = None, threshold: float = 0.5, batch: int = 8, out_dir=None,
-                   progress: bool = True) -> tuple[dict, list[dict]]:
+                   skip_bad_samples: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
     """Segment and score every expression of ``videos`` (training split at ``root``).
 
-    Returns (metrics {"jf", "j", "f", "num_videos", "num_expressions"}, one row per expression). With
-    ``out_dir`` the masks are written as ``<out_dir>/<video>/<exp_id>/<frame>.png`` (0/255, original size).
+    Returns (metrics {"jf", "j", "f", "num_videos", "num_expressions", "num_skipped_videos"}, one row per
+    expression). With ``out_dir`` the masks are written as ``<out_dir>/<video>/<exp_id>/<frame>.png`` (0/255,
+    original size) and the skipped videos listed in ``<out_dir>/skipped_samples.json``. A missing or corrupt
+    frame or annotation raises SampleError (file and ids named); with ``skip_bad_samples`` that video is left
+    out and recorded instead.
     """
     from bifit.inference import predict_video  # torch-heavy; imported on use
 
@@ -120,24 +125,35 @@ def evaluate_proxy(model, tokenizer, root, videos: Sequence[str], *, short_side:
     by_video: dict[str, list[Expression]] = {}
     for e in expressions:
         by_video.setdefault(e.video, []).append(e)
-    rows = []
+    rows, skipped = [], []
     bar = tqdm(total=len(expressions), desc="ytvos proxy", unit="expr", disable=not progress)
     for video, exps in by_video.items():
-        frames, orig_size = load_video(root, video, exps[0].frames, "train", short_side=short_side)
+        try:
+            frames, orig_size = load_video(root, video, exps[0].frames, "train", short_side=short_side)
+            gts = [load_gt_masks(root, e.video, e.frames, e.obj_id, "train").numpy() for e in exps]
+        except SampleError as err:
+            if not skip_bad_samples:
+                raise
+            skipped.append(err.record())
+            bar.update(len(exps))
+            continue
         preds = predict_video(model, tokenizer, frames, [e.caption for e in exps], orig_size, window, threshold,
                               batch)
-        for e, pred in zip(exps, preds):
-            gt = load_gt_masks(root, e.video, e.frames, e.obj_id, "train").numpy()
+        for e, gt, pred in zip(exps, gts, preds):
             masks = pred.masks.numpy()
             rows.append({"video": e.video, "exp_id": e.exp_id, **score_expression(gt, masks)})
             if out_dir is not None:
                 _save_masks(Path(out_dir) / e.video / e.exp_id, e.frames, masks)
             bar.update(1)
     bar.close()
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "skipped_samples.json").write_text(json.dumps(skipped, indent=1) + "\n")
     if not rows:
-        raise ValueError(f"{root}: the proxy videos have no expressions")
+        raise ValueError(f"{root}: no proxy expression could be scored (skipped: {skipped})")
     metrics = {k: float(np.mean([r[k] for r in rows])) for k in ("jf", "j", "f")}
-    metrics.update(num_videos=len(by_video), num_expressions=len(rows))
+    metrics.update(num_videos=len({r["video"] for r in rows}), num_expressions=len(rows),
+                   num_skipped_videos=len(skipped))
     return metrics, rows
 
 

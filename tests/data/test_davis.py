@@ -186,3 +186,18 @@ def test_zip_members_are_the_official_names(davis):
             "Davis17_annot2_full_video.txt"))
     with zipfile.ZipFile(raw / SEMANTICS_ZIP) as zf:
         assert zf.namelist() == ["DAVIS/davis_semantics.json"]
+
+
+def test_expression_of_a_missing_object_is_reported(davis, tmp_path):
+    import shutil
+
+    raw, _, _, _ = davis
+    copy = Path(shutil.copytree(raw, tmp_path / "raw", symlinks=True))
+    for name, enc in zip(("Davis17_annot1.txt", "Davis17_annot1_full_video.txt", "Davis17_annot2.txt",
+                          "Davis17_annot2_full_video.txt"), ("utf-8", "utf-8", "latin-1", "latin-1")):
+        path = copy / "davis_text_annotations" / name
+        path.write_bytes(path.read_bytes() + 'blackswan 0 "a ghost"\n'.encode(enc))
+    summary = convert_ref_davis(copy, tmp_path / "out", progress=False)
+    assert any("blackswan: expressions refer to object(s) ['0'] missing" in n for n in summary["irregularities"])
+    meta = json.loads((tmp_path / "out/meta_expressions/valid/meta_expressions.json").read_text())["videos"]
+    assert meta["blackswan"]["expressions"]["0"] == {"exp": "a ghost", "obj_id": "0"}  # "0" sorts first

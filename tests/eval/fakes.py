@@ -18,3 +18,27 @@ class WordTokenizer:
             ids[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": attn}
+
+
+class BackgroundModel(torch.nn.Module):
+    """Predicts background everywhere (2 queries, constant logits): for tests where the values do not matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_visual(self, clip, mask):
+        t = clip.shape[1]
+
+        class Visual:
+            num_frames = t
+
+            def repeat(self, n):
+                return self
+
+        return Visual()
+
+    def forward(self, images, image_mask, input_ids, attention_mask, sizes, with_aux, visual):
+        b, t = input_ids.shape[0], visual.num_frames
+        h, w = -(-int(sizes[0, 0]) // 4), -(-int(sizes[0, 1]) // 4)
+        return {"pred_logits": torch.zeros(b, t, 2, 1), "pred_masks": torch.full((b, t, 2, h, w), -4.0)}

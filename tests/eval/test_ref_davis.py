@@ -140,3 +140,26 @@ def test_tiny_model_run_matches_rescoring_of_the_written_pngs(prepared, tmp_path
     header = (tmp_path / "anno_0/global_results-val.csv").read_text().splitlines()[0]
     assert header == "J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay"
     assert set(result.per_sequence()) == {v.name for v in videos}
+
+
+def test_corrupt_frame_is_named_or_skipped_and_recorded(prepared, tmp_path):
+    import json
+    import shutil
+
+    from bifit.data.ytvos import SampleError
+    from tests.eval.fakes import BackgroundModel
+
+    _, root = prepared
+    copy = shutil.copytree(root, tmp_path / "prepared")
+    bad = copy / "valid/JPEGImages/bmx-trees/00002.jpg"
+    bad.unlink()
+    bad.write_bytes(b"not a jpeg")  # replaces the hard link, the original stays intact
+    with pytest.raises(SampleError, match=r"00002.jpg: corrupt or unreadable image .*\[video bmx-trees frame 00002\]"):
+        evaluate_ref_davis_model(BackgroundModel(), WordTokenizer(), copy, short_side=64, progress=False)
+    result = evaluate_ref_davis_model(BackgroundModel(), WordTokenizer(), copy, tmp_path / "out", short_side=64,
+                                      skip_bad_samples=True, progress=False)
+    assert list(result.sequences) == ["blackswan"] and result.metrics()["num_skipped_sequences"] == 1
+    skipped = json.loads((tmp_path / "out/skipped_samples.json").read_text())
+    assert skipped == [{"file": str(bad), "id": "video bmx-trees frame 00002", "reason": skipped[0]["reason"]}]
+    # background everywhere: every GT object present in the first frame scores J = 0 (empty predictions)
+    assert result.metrics()["j"] == 0.0

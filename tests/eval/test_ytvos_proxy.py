@@ -86,3 +86,24 @@ def test_tiny_model_proxy_run_scores_the_written_masks(bench, tmp_path):
         assert set(np.unique(pred)) <= {0, 255}
         gt = load_gt_masks(bench, e.video, e.frames, e.obj_id, "train").numpy()
         assert score_expression(gt, pred == 255)["jf"] == pytest.approx(row["jf"], abs=1e-12)
+
+
+def test_missing_annotation_is_named_or_skipped(bench, tmp_path):
+    import json
+    import shutil
+
+    from bifit.data.ytvos import SampleError
+    from tests.eval.fakes import BackgroundModel
+
+    root = shutil.copytree(bench, tmp_path / "copy")
+    videos = proxy_videos(root, 0.4)
+    missing = sorted((root / "train/Annotations" / videos[0]).iterdir())[1]
+    missing.unlink()
+    with pytest.raises(SampleError, match="missing annotation PNG"):
+        evaluate_proxy(BackgroundModel(), WordTokenizer(), root, videos, short_side=64, progress=False)
+    metrics, rows = evaluate_proxy(BackgroundModel(), WordTokenizer(), root, videos, short_side=64,
+                                   out_dir=tmp_path / "out", skip_bad_samples=True, progress=False)
+    assert metrics["num_skipped_videos"] == 1 and metrics["num_videos"] == 1
+    assert {r["video"] for r in rows} == {videos[1]}
+    skipped = json.loads((tmp_path / "out/skipped_samples.json").read_text())
+    assert skipped[0]["file"] == str(missing) and videos[0] in skipped[0]["id"]
