@@ -71,6 +71,9 @@ class ModelConfig:
         _check(self.dec_layers >= 2 or not self.aux_loss, f"{where}.dec_layers",
                ">= 2 when aux_loss is on", self.dec_layers)
         _check(bool(self.text_encoder), f"{where}.text_encoder", "a hub id or a local directory", self.text_encoder)
+        _check(not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{where}.dilation",
+               f"false with {where}.backbone {self.backbone!r} (its BasicBlock cannot dilate; use resnet50/101)",
+               self.dilation)
 
 
 @dataclass
@@ -122,6 +125,9 @@ class DataConfig:
     crop_min: int = 384
     crop_max: int = 600
     categories: Literal["ytvos", "synthetic"] = "ytvos"  # class list used to read category names
+    # "official": the reference PhotometricDistort (hue shift, random channel permutation, uint8 wrap-around);
+    # "colour_preserving": brightness/contrast/saturation only, for data whose expressions name colours
+    photometric: Literal["official", "colour_preserving", "none"] = "official"
     eval_short_side: int = 360
     num_workers: int = 0
     skip_bad_samples: bool = False
@@ -158,6 +164,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision on GPU only
     skip_nonfinite_batches: bool = False  # true: skip a batch whose loss is NaN/inf (counted) instead of stopping
     max_steps_per_epoch: int | None = None
+    # true: torch.use_deterministic_algorithms (warn-only) and deterministic cuDNN/cuBLAS; CPU runs are bitwise
+    # reproducible without it, GPU runs only up to the ops that have no deterministic CUDA kernel (README)
+    deterministic: bool = False
 
     def validate(self, where: str = "train"):
         _check(self.epochs >= 1, f"{where}.epochs", "an integer >= 1", self.epochs)
@@ -233,6 +242,9 @@ def _coerce(value: Any, tp, key: str):
     if origin is list:
         _check(isinstance(value, list), key, f"a list of {_type_name(args[0])}", value)
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # e.g. the sweep grid: {"model.inter_frame_layers": [0, 1, 2]}
+        _check(isinstance(value, dict), key, f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}", value)
+        return {_coerce(k, args[0], f"{key} (a key)"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         _check(isinstance(value, bool), key, "true or false", value)
         return value

@@ -26,6 +26,15 @@ import torch
 from bifit.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from bifit.config import flatten, to_dict
 from pipeline.config import REPO, PipelineConfig, load_pipeline_config
+from pipeline.faults import (
+    SKIP_LOG_FILE,
+    append_event,
+    clear_fatal,
+    fatal_error,
+    read_fatal,
+    unwrap_worker_error,
+    write_fatal,
+)
 
 log = logging.getLogger("pipeline.train")
 CKPT_GLOB = "epoch_*.pth"
@@ -69,25 +78,31 @@ def _build(cfg: PipelineConfig):
     return tokenizer, build_model(cfg.model), build_criterion(cfg)
 
 
-def _dataset(cfg: PipelineConfig):
+def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
     from bifit.data import SYNTHETIC_CATEGORIES, ResizeConfig, YTVOSDataset, make_train_transforms
 
     d = cfg.data
     resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
                           crop_resize_scales=tuple(d.crop_resize_scales), crop_min=d.crop_min, crop_max=d.crop_max)
     categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
-    return YTVOSDataset(d.root, "train", d.num_frames,
-                        transforms=make_train_transforms(resize), categories=categories,
-                        skip_bad_samples=d.skip_bad_samples)
+    dataset = YTVOSDataset(d.root, "train", d.num_frames,
+                           transforms=make_train_transforms(resize, photometric=d.photometric), categories=categories,
+                           skip_bad_samples=d.skip_bad_samples, skip_log=skip_log)
+    proxy = cfg.datasets.ytvos_proxy  # the local-proxy videos (bifit/eval/ytvos_proxy.py) stay unseen
+    if proxy.exclude_from_training:
+        from bifit.eval.ytvos_proxy import hold_out, proxy_videos
+
+        hold_out(dataset, proxy_videos(d.root, proxy.fraction))
+    return dataset
 
 
-def _mlflow_logger(cfg: PipelineConfig, run_id: str | None):
+def _mlflow_logger(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None = None):
     if run_id is None:
         return None
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    client = MlflowClient(tracking_uri=tracking_uri or cfg.mlflow.resolved_uri())
     buffer: list = []
 
     def log_metrics(step: int, values: dict, flush: bool = False):
@@ -106,11 +121,22 @@ def train_loop_per_worker(config: dict) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from bifit.data import collate_fn
-    from bifit.engine import build_optimizer, train_one_epoch
+    from bifit.data.ytvos import read_skip_log
+    from bifit.engine import (
+        NonFiniteLossError,
+        build_optimizer,
+        seed_epoch,
+        set_deterministic,
+        train_one_epoch,
+    )
 
     cfg: PipelineConfig = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if read_fatal(config["run_dir"]) is not None:  # stopped for good earlier in this run: a retry would repeat it
+        return
+    if cfg.train.deterministic:
+        set_deterministic()
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     seed = cfg.train.seed + rank
     random.seed(seed)
@@ -141,10 +167,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch'] + 1} done)", flush=True)
             truncate_loss_csv(Path(config["loss_csv"]), global_step)
-    torch.manual_seed(seed + 1000 * start_epoch)
+    if rank == 0:
+        append_event(folder, "resume" if ckpt else "start", epoch=start_epoch, global_step=global_step,
+                     checkpoint=ckpt and ckpt["path"], world_size=world)
+    skipped_nonfinite = ckpt.get("skipped_nonfinite_batches", 0) if ckpt else 0
     model = ray.train.torch.prepare_model(model)
 
-    dataset = _dataset(cfg)
+    dataset = _dataset(cfg, skip_log=folder / SKIP_LOG_FILE)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -152,11 +181,12 @@ def train_loop_per_worker(config: dict) -> None:
                         persistent_workers=cfg.data.num_workers > 0)
     steps_per_epoch = len(loader) if cfg.train.max_steps_per_epoch is None else min(
         len(loader), cfg.train.max_steps_per_epoch)
-    log_metrics = _mlflow_logger(cfg, config.get("mlflow_run_id")) if rank == 0 else None
+    log_metrics = _mlflow_logger(cfg, config.get("mlflow_run_id"), config.get("mlflow_uri")) if rank == 0 else None
     loss_csv = Path(config["loss_csv"])
 
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
+        seed_epoch(cfg.train.seed, rank, epoch)  # a restarted epoch replays the uninterrupted run's draws
         bar = None
         if rank == 0:
             from tqdm import tqdm
@@ -174,23 +204,34 @@ def train_loop_per_worker(config: dict) -> None:
             with loss_csv.open("a") as fh:
                 fh.write(f"{step},{epoch},{values['loss']:.6f},{values['loss_mask']:.6f},{values['loss_dice']:.6f}\n")
 
-        stats = train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch,
-                                cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
-                                skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
-                                on_step=on_step, global_step=global_step)
+        try:
+            stats = train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch,
+                                    cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
+                                    skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
+                                    on_step=on_step, global_step=global_step)
+        except NonFiniteLossError as err:  # every rank raises the same gathered message
+            if rank == 0:
+                write_fatal(folder, err, rank)
+            raise
         global_step = stats["global_step"]
         scheduler.step()
         metrics = {f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics["clips_per_s_total"] = stats["clips_per_s"] * world
+        skipped_nonfinite += stats["skipped_steps"]
+        metrics["skipped_nonfinite_batches"] = skipped_nonfinite  # run totals, also logged to MLflow
+        metrics["skipped_samples"] = len(read_skip_log(folder / SKIP_LOG_FILE))
         if rank == 0:
             bar.close()
             state = {"format": "bifit-checkpoint-v1", "model": getattr(model, "module", model).state_dict(),
                      "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
-                     "metrics": metrics, "mlflow_run_id": config.get("mlflow_run_id")}
+                     "metrics": metrics, "mlflow_run_id": config.get("mlflow_run_id"),
+                     "skipped_nonfinite_batches": skipped_nonfinite}
             path = folder / f"epoch_{epoch:04d}.pth"
             atomic_save(state, path)
             if log_metrics:
+                log_metrics(global_step, {"skipped_nonfinite_batches": skipped_nonfinite,
+                                          "skipped_samples": metrics["skipped_samples"]})
                 log_metrics(global_step, {f"epoch_{k}": v for k, v in metrics.items()}, flush=True)
             print(f"[bifit] epoch {epoch + 1}: loss {stats.get('loss', float('nan')):.4f}, "
                   f"{metrics['clips_per_s_total']:.2f} clips/s; checkpoint {path}", flush=True)
@@ -235,12 +276,19 @@ def start_mlflow_run(cfg: PipelineConfig, folder: Path) -> str:
 
 def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> dict:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.preflight import check_local_resources, check_training_data
 
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+    # before Ray starts and before an MLflow run is made: settings this machine cannot run, broken metadata
+    check_local_resources(cfg, local_ray=not ray.is_initialized() and not cfg.ray.resolved_address())
+    check_training_data(cfg, skip_log=folder / SKIP_LOG_FILE)
+    clear_fatal(folder)
+    append_event(folder, "driver_start", pid=os.getpid())
     run_id = start_mlflow_run(cfg, folder)
     loss_csv = folder / "loss.csv"
     if not loss_csv.exists() or latest_checkpoint(folder) is None:
@@ -265,7 +313,7 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> di
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg, "run_dir": str(folder), "mlflow_run_id": run_id,
-                               "loss_csv": str(loss_csv)},
+                               "loss_csv": str(loss_csv), "mlflow_uri": cfg.mlflow.resolved_uri()},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -274,9 +322,14 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> di
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
         )
         result = trainer.fit()
+    except TrainingFailedError as err:  # the worker's own error (file, step, key), not Ray's wrapper
+        raise (unwrap_worker_error(err, folder) or err) from None
     finally:
         if started_here:
             ray.shutdown()
+    fatal = read_fatal(folder)
+    if fatal is not None:  # a restarted worker group found the marker and stopped without training
+        raise fatal_error(fatal, folder)
     final = latest_checkpoint(folder)
     if final is None or final["epoch"] != cfg.train.epochs - 1:
         raise RuntimeError(f"training did not finish: newest checkpoint in {folder} is "
@@ -317,4 +370,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:  # our errors name the file
+        sys.exit(f"pipeline.train: {type(err).__name__}: {err}" + "".join(f"\n{n}" for n in getattr(err, "__notes__", [])))

@@ -1,5 +1,5 @@
 """Offline stand-in for ``roberta-base``: a byte-level BPE tokenizer trained on the benchmark's expressions and a tiny
-randomly initialised RoBERTa encoder, saved so that ``AutoTokenizer.from_pretrained(path)`` and
+RoBERTa encoder pretrained on those expressions (``bifit.data.text_pretraining``), saved so that ``AutoTokenizer.from_pretrained(path)`` and
 ``AutoModel.from_pretrained(path)`` load them exactly like the real checkpoint.
 
 The tokenizer follows RoBERTa conventions: byte-level pre-tokenisation without a prefix space, ``<s> ... </s>``
@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bifit.data.collate import normalize_text
+from bifit.data.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 from bifit.data.ytvos import expressions_path, read_videos
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4
@@ -57,6 +58,11 @@ class TinyTextEncoderConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     seed: int = 0
+    # pretraining on the corpus (bifit.data.text_pretraining): masked-language modelling + bag of words from <s>,
+    # so that the stand-in, like roberta-base, arrives with a first token that summarises the sentence; 0 = none
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 1e-3
 
     def __post_init__(self):
         checks = {
@@ -68,6 +74,8 @@ class TinyTextEncoderConfig:
             "intermediate_size": (8, 32768),
             "max_position_embeddings": (8, 8192),
             "seed": (0, 2**32 - 1),
+            "pretrain_steps": (0, 1_000_000),
+            "pretrain_batch_size": (1, 1_000_000),
         }
         for name, (lo, hi) in checks.items():
             value = getattr(self, name)
@@ -76,6 +84,8 @@ class TinyTextEncoderConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"TinyTextEncoderConfig.hidden_size: expected a multiple of num_attention_heads="
                              f"{self.num_attention_heads}, got {self.hidden_size}")
+        if not isinstance(self.pretrain_lr, int | float) or not 0 < self.pretrain_lr < 1:
+            raise ValueError(f"TinyTextEncoderConfig.pretrain_lr: expected a float in (0, 1), got {self.pretrain_lr!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TinyTextEncoderConfig.{name}: expected a float in [0, 1), got {getattr(self, name)}")
@@ -155,7 +165,7 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
     marker = {"generator": "bifit.data.text_encoder_assets", "config": asdict(cfg),
               "corpus_sha256": _corpus_digest(corpus)}
     existing = _read_marker(out_dir)
-    if existing == marker:
+    if existing is not None and {k: v for k, v in existing.items() if k != "pretraining"} == marker:
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and existing is None and not overwrite:
         raise FileExistsError(f"{out_dir}: exists, is not empty and has no {ASSETS_MARKER}; pass overwrite=True")
@@ -164,6 +174,9 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
     try:
         tokenizer = train_tokenizer(corpus, cfg)
         model = build_text_encoder(cfg, vocab_size=len(tokenizer))
+        pretraining = pretrain_text_encoder(model, tokenizer, corpus, TextPretrainingConfig(
+            steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=float(cfg.pretrain_lr), seed=cfg.seed))
+        marker["pretraining"] = pretraining
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         (tmp / ASSETS_MARKER).write_text(json.dumps(marker, indent=1) + "\n")

@@ -202,15 +202,26 @@ class PhotometricDistort:
     permutations = tuple(itertools.permutations(range(3)))
 
     def __init__(self, brightness_delta: float = 32.0, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
-                 hue_delta: float = 18.0, rng=None):
+                 hue_delta: float = 18.0, channel_swap: bool = True, wrap: bool = True, rng=None):
         self.brightness_delta = brightness_delta
         self.contrast = contrast
         self.saturation = saturation
         self.hue_delta = hue_delta
+        self.channel_swap = channel_swap  # the official "lighting noise": a random channel permutation
+        self.wrap = wrap  # official: cast to uint8 without clipping (values wrap); else clip to [0, 255]
         self.rng = rng or _random
 
+    @classmethod
+    def colour_preserving(cls, rng=None) -> PhotometricDistort:
+        """Brightness, contrast and mild saturation only: no hue shift, no channel permutation, clipped.
+
+        For data whose expressions name colours (the synthetic benchmark): the official distortion turns a red
+        square blue in half of the frames, which makes colour words unlearnable."""
+        return cls(saturation=(0.75, 1.25), hue_delta=0.0, channel_swap=False, wrap=False, rng=rng)
+
     def __call__(self, clip: Clip, target: Target) -> tuple[Clip, Target]:
-        return [Image.fromarray(wrap_to_uint8(self.distort(np.asarray(img, dtype=np.float32)))) for img in clip], target
+        cast = wrap_to_uint8 if self.wrap else (lambda a: np.clip(a, 0, 255).astype(np.uint8))
+        return [Image.fromarray(cast(self.distort(np.asarray(img, dtype=np.float32)))) for img in clip], target
 
     def distort(self, img: np.ndarray) -> np.ndarray:
         img = img.copy()  # [H, W, 3] float32, 0..255
@@ -220,7 +231,7 @@ class PhotometricDistort:
             img = self.hsv_jitter(self.random_contrast(img))
         else:  # order B: contrast last
             img = self.random_contrast(self.hsv_jitter(img))
-        if self.rng.random() < 0.5:
+        if self.channel_swap and self.rng.random() < 0.5:
             img = img[..., list(self.permutations[self.rng.randrange(len(self.permutations))])]
         return img
 
@@ -233,7 +244,7 @@ class PhotometricDistort:
         hsv = bgr_to_hsv(img)
         if self.rng.random() < 0.5:
             hsv[..., 1] *= np.float32(self.rng.uniform(*self.saturation))
-        if self.rng.random() < 0.5:
+        if self.hue_delta and self.rng.random() < 0.5:
             hsv[..., 0] += np.float32(self.rng.uniform(-self.hue_delta, self.hue_delta))
             hsv[..., 0] = np.where(hsv[..., 0] > 360.0, hsv[..., 0] - 360.0, hsv[..., 0])
             hsv[..., 0] = np.where(hsv[..., 0] < 0.0, hsv[..., 0] + 360.0, hsv[..., 0])
@@ -357,11 +368,21 @@ class VideoResize:
 # builders
 
 
-def make_train_transforms(cfg: ResizeConfig = PAPER_RESIZE, rng=None) -> Compose:
-    """Flip -> PhotometricDistort -> RandomSelect(resize | resize, crop, resize) -> Check -> Normalize."""
+PHOTOMETRIC = ("official", "colour_preserving", "none")
+
+
+def make_train_transforms(cfg: ResizeConfig = PAPER_RESIZE, rng=None, photometric: str = "official") -> Compose:
+    """Flip -> PhotometricDistort -> RandomSelect(resize | resize, crop, resize) -> Check -> Normalize.
+
+    photometric: "official" (the reference distortion with its quirks), "colour_preserving" or "none"."""
+    if photometric not in PHOTOMETRIC:
+        raise ValueError(f"photometric distortion must be one of {PHOTOMETRIC}, got {photometric!r}")
+    distort = {"official": lambda: [PhotometricDistort(rng=rng)],
+               "colour_preserving": lambda: [PhotometricDistort.colour_preserving(rng=rng)],
+               "none": lambda: []}[photometric]()
     return Compose([
         RandomHorizontalFlip(rng=rng),
-        PhotometricDistort(rng=rng),
+        *distort,
         RandomSelect(
             Compose([RandomResize(cfg.scales, cfg.max_size, rng=rng), Check()]),
             Compose([
