@@ -115,3 +115,14 @@ def reference(tmp_path_factory, toy_data, local_ray):
     local_ray()
     params = write_params(tmp_path_factory.mktemp("reference"), toy_data, train=FAULT_TRAIN)
     return comparable(run_training(load_pipeline_config(params)))
+
+
+@pytest.fixture(scope="module")
+def fresh_ray(local_ray):
+    """The session's local Ray restarted for this module: after the fault-injection runs (killed workers, a
+    killed driver's rerun) a later worker group was seen waiting forever for its CPU in the same session."""
+    import ray
+
+    ray.shutdown()
+    local_ray()
+    return local_ray

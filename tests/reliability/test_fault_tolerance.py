@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pipeline.config import load_pipeline_config
 from pipeline.faults import read_events
@@ -20,6 +21,7 @@ from tests.reliability.conftest import FAULT_TRAIN, assert_identical, comparable
 from tests.reliability.injection import logged_steps, ray_train_workers, wait_for_step
 
 
+@pytest.mark.timeout(600)  # a Ray run that hangs fails instead of blocking the suite
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint_with_identical_result(tmp_path, toy_data, local_ray,
                                                                                     reference):
     from pipeline.train import run_dir, run_training
@@ -52,6 +54,7 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint_with_identical_res
     assert_identical(comparable(out), reference)
 
 
+@pytest.mark.timeout(600)  # a Ray run that hangs fails instead of blocking the suite
 def test_driver_sigkill_then_rerun_resumes_with_identical_result(tmp_path, toy_data, local_ray, reference):
     """`python -m pipeline.train` (what `dvc repro` runs) is SIGKILLed mid-epoch; the rerun resumes from the
     newest checkpoint, every checkpoint on disk is whole, and the result equals the uninterrupted run."""

@@ -94,13 +94,14 @@ def test_every_rank_takes_the_same_decision(tmp_path):
     assert out["0-finite"] == out["1-finite"] == []
 
 
-def test_ray_run_stops_once_with_the_message_and_no_retry(tmp_path, toy_data, local_ray):
+@pytest.mark.timeout(600)  # a Ray run that hangs fails instead of blocking the suite
+def test_ray_run_stops_once_with_the_message_and_no_retry(tmp_path, toy_data, fresh_ray):
     """With ray.max_failures: 1 Ray restarts the worker group; the restarted group finds the fatal record and
     ends at once instead of replaying the NaN, and the driver raises the workers' message. (One worker: the
     agreement between ranks is checked above with two gloo processes.)"""
     from pipeline.train import run_dir, run_training
 
-    local_ray()
+    fresh_ray()
     cfg = load_pipeline_config(write_params(tmp_path, toy_data, train=EXPLODING,
                                            ray=dict(num_workers=1, max_failures=1)))
     with pytest.raises(NonFiniteLossError, match=r"rank 0: epoch 0 step \d: non-finite (loss term|model output)\(s\) "
@@ -112,12 +113,13 @@ def test_ray_run_stops_once_with_the_message_and_no_retry(tmp_path, toy_data, lo
     assert [e["event"] for e in read_events(folder)] == ["driver_start", "start"]  # trained once, not 2 times
 
 
-def test_ray_run_skips_nonfinite_batches_and_logs_the_counter_to_mlflow(tmp_path, toy_data, local_ray):
+@pytest.mark.timeout(600)  # a Ray run that hangs fails instead of blocking the suite
+def test_ray_run_skips_nonfinite_batches_and_logs_the_counter_to_mlflow(tmp_path, toy_data, fresh_ray):
     from mlflow.tracking import MlflowClient
 
     from pipeline.train import run_training
 
-    local_ray()
+    fresh_ray()
     cfg = load_pipeline_config(write_params(tmp_path, toy_data, train={**EXPLODING, "skip_nonfinite_batches": True},
                                            ray=dict(num_workers=1)))
     out = run_training(cfg)

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.config import load_pipeline_config
 from tests.reliability.conftest import FAULT_TRAIN, assert_identical, comparable, write_params
 
 
+@pytest.mark.timeout(600)  # a Ray run that hangs fails instead of blocking the suite
 def test_two_node_cluster_one_worker_per_node_matches_single_node(tmp_path, toy_data, reference):
     """A local two-node Ray cluster (ray.cluster_utils.Cluster), one CPU per node, so each of the two one-CPU
     workers runs on its own node; gloo talks over loopback. Same result as the single-node reference."""
