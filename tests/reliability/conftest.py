@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def private_ray_tmpdir():
     old = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="bfr", dir="/tmp")
     yield os.environ["RAY_TMPDIR"]
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)  # Ray's session logs of these tests
     if old is None:
         os.environ.pop("RAY_TMPDIR", None)
     else:
