@@ -83,9 +83,16 @@ def test_text_encoder_loads_like_roberta_base(assets):
     with torch.no_grad():
         out = model.eval()(input_ids=ids, attention_mask=attn)
     assert out.last_hidden_state.shape == (4, ids.shape[1], 32) and out.pooler_output.shape == (4, 32)
-    built = tea.build_text_encoder(TINY_TEXT, len(tok)).state_dict()
-    loaded = model.state_dict()
-    assert all(torch.equal(built[k], loaded[k]) for k in built)  # weights are a function of the seed
+    from bifit.data.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
+
+    encoder = tea.build_text_encoder(TINY_TEXT, len(tok))
+    initial = {k: v.clone() for k, v in encoder.state_dict().items()}
+    pretrain_text_encoder(encoder, tok, CORPUS, TextPretrainingConfig(
+        steps=TINY_TEXT.pretrain_steps, batch_size=TINY_TEXT.pretrain_batch_size, lr=TINY_TEXT.pretrain_lr,
+        seed=TINY_TEXT.seed))
+    built, loaded = encoder.state_dict(), model.state_dict()
+    assert all(torch.equal(built[k], loaded[k]) for k in built)  # weights are a function of the seed and corpus
+    assert not torch.equal(initial["embeddings.word_embeddings.weight"], loaded["embeddings.word_embeddings.weight"])
 
 
 def test_weights_depend_only_on_seed():
