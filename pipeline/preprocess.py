@@ -25,6 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
+from bifit.data.fsutil import replace_dir
 from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config
 from pipeline.download import dataset_root
 
@@ -53,7 +54,7 @@ def prepare_ytvos(cfg: PipelineConfig, raw: Path, out: Path) -> dict:
     try:
         (tmp / "index.json").write_text(json.dumps({**summary, "valid": valid}, indent=1) + "\n")
         write_video_list(tmp / PROXY_LIST_NAME, proxy)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
@@ -78,14 +79,6 @@ def preprocess(cfg: PipelineConfig, name: str, progress: bool = True) -> dict:
     from bifit.data.jhmdb_preprocess import preprocess as prepare_jhmdb
 
     return prepare_jhmdb(raw, out, skip_bad_samples=skip, progress=progress)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> dict:

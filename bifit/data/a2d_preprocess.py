@@ -41,6 +41,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from bifit.data.fsutil import replace_dir
 from bifit.data.ytvos import SampleError
 
 log = logging.getLogger(__name__)
@@ -362,9 +363,3 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
     return summary
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -40,6 +40,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from bifit.data.fsutil import replace_dir
+
 log = logging.getLogger(__name__)
 
 ANNOTATION_FILES = ("Davis17_annot1.txt", "Davis17_annot1_full_video.txt", "Davis17_annot2.txt",
@@ -218,7 +220,7 @@ def convert_ref_davis(raw_root, out_root, *, progress: bool = True) -> dict:
                        seconds=round(time.perf_counter() - start, 3))
         _dump(tmp / INDEX_NAME, index)
         _dump(tmp / "summary.json", summary)
-        _replace_dir(tmp, out_root)
+        replace_dir(tmp, out_root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for note in notes:
@@ -231,9 +233,3 @@ def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

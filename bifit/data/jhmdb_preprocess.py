@@ -36,9 +36,9 @@ from bifit.data.a2d_preprocess import (
     SkipRecorder,
     coco_gt_dataset,
     compare_coco_gt,
-    replace_dir,
     write_mask_png,
 )
+from bifit.data.fsutil import replace_dir
 from bifit.data.ytvos import SampleError
 
 METADATA_JSON = "jhmdb_sentences_samples_metadata.json"

@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from bifit.data.fsutil import replace_dir
+
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "SYNTHETIC_BENCHMARK.json"
 SCENES_NAME = "synthetic_scenes.json"
@@ -763,21 +765,10 @@ def generate_benchmark(cfg: SyntheticConfig, root: Path, progress: bool = True, 
     try:
         tmp.mkdir()
         summary = _write_benchmark(cfg, tmp, progress)
-        _replace_dir(tmp, root)
+        replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "root": str(root), "generated": True, "seconds": round(time.perf_counter() - start, 3)}
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists() or dst.is_symlink():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
 
 
 def config_from_dict(d: dict) -> SyntheticConfig:

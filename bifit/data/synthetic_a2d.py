@@ -52,6 +52,7 @@ from bifit.data.a2d_preprocess import (
     box_xyxy,
     coco_rle,
 )
+from bifit.data.fsutil import replace_dir
 from bifit.data.synthetic import SyntheticConfig, Video, make_video
 
 GENERATOR_VERSION = 1
@@ -162,11 +163,7 @@ def write_dataset(root: Path, manifest_name: str, generator: str, version: int, 
         summary = writer(tmp)
         dump_json({"generator": generator, "version": version, "config": config, "summary": summary},
                   tmp / manifest_name)
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        if root.exists():
-            os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "root": str(root), "generated": True, "seconds": round(time.perf_counter() - start, 3)}

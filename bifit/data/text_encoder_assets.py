@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bifit.data.collate import normalize_text
+from bifit.data.fsutil import replace_dir
 from bifit.data.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 from bifit.data.ytvos import expressions_path, read_videos
 
@@ -180,11 +181,7 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         (tmp / ASSETS_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
