@@ -30,6 +30,8 @@ class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     backbone_weights: str | None = None  # local torchvision-format ResNet file; never downloaded
     train_backbone: bool = True  # lr_backbone > 0 in the official code: layer2-4 trainable
+    backbone_trainable_layers: int = 3  # of layer4, layer3, layer2, layer1, stem (torchvision order); official 3
+    backbone_norm: Literal["frozen_batch_norm", "batch_norm", "group_norm"] = "frozen_batch_norm"
     dilation: bool = False
     text_encoder: str = "roberta-base"  # hub id or local directory written with save_pretrained
     freeze_text_encoder: bool = True
@@ -51,6 +53,9 @@ class ModelConfig:
     aux_loss: bool = True
     inter_frame_layers: int = 1  # BIFIT inter-frame interaction layers (0 turns the module off)
     bidirectional_vl: bool = True  # false: one-way fusion and the encoder's pooled sentence (ReferFormer)
+    # where the bidirectional model's sentence feature comes from: the first token of the text after the
+    # vision-to-text fusion (official) or before it (the resized encoder output)
+    sentence_source: Literal["fused_text", "text"] = "fused_text"
     msda_backend: Literal["auto", "cpu", "cuda", "pytorch"] = "auto"
 
     def validate(self, where: str = "model"):
@@ -59,6 +64,8 @@ class ModelConfig:
             _check(getattr(self, name) >= 1, f"{where}.{name}", "an integer >= 1", getattr(self, name))
         for name in ("enc_layers", "inter_frame_layers"):
             _check(getattr(self, name) >= 0, f"{where}.{name}", "an integer >= 0", getattr(self, name))
+        _check(0 <= self.backbone_trainable_layers <= 5, f"{where}.backbone_trainable_layers", "an integer in [0, 5]",
+               self.backbone_trainable_layers)
         _check(self.controller_layers >= 1, f"{where}.controller_layers", "an integer >= 1", self.controller_layers)
         _check(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a float in [0, 1)", self.dropout)
         _check(self.num_feature_levels >= 3, f"{where}.num_feature_levels", "an integer >= 3", self.num_feature_levels)
@@ -131,6 +138,9 @@ class DataConfig:
     eval_short_side: int = 360
     num_workers: int = 0
     skip_bad_samples: bool = False
+    # "none": clips drawn independently (official); "video": every batch holds expressions of one video about
+    # different objects (bifit/data/samplers.py), so each step contrasts referents in the same scene
+    batch_grouping: Literal["none", "video"] = "none"
 
     def validate(self, where: str = "data"):
         _check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)

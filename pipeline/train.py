@@ -96,6 +96,24 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
     return dataset
 
 
+def _loader(cfg: PipelineConfig, dataset, world: int, rank: int):
+    """(sampler with set_epoch, DataLoader): independent clips (DistributedSampler, official) or, with
+    data.batch_grouping: video, batches of one video's expressions about different objects."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from bifit.data import collate_fn
+    from bifit.data.samplers import VideoGroupedBatchSampler
+
+    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    if cfg.data.batch_grouping == "video":
+        sampler = VideoGroupedBatchSampler(dataset.samples, cfg.train.batch_size, world, rank, cfg.train.seed)
+        return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **workers)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    return sampler, DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
+                               drop_last=True, **workers)
+
+
 def _mlflow_logger(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None = None):
     if run_id is None:
         return None
@@ -118,9 +136,7 @@ def _mlflow_logger(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
-    from torch.utils.data import DataLoader, DistributedSampler
 
-    from bifit.data import collate_fn
     from bifit.data.ytvos import read_skip_log
     from bifit.engine import (
         NonFiniteLossError,
@@ -174,11 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
 
     dataset = _dataset(cfg, skip_log=folder / SKIP_LOG_FILE)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
-                                 drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
-                        num_workers=cfg.data.num_workers, drop_last=True,
-                        persistent_workers=cfg.data.num_workers > 0)
+    sampler, loader = _loader(cfg, dataset, world, rank)
     steps_per_epoch = len(loader) if cfg.train.max_steps_per_epoch is None else min(
         len(loader), cfg.train.max_steps_per_epoch)
     log_metrics = _mlflow_logger(cfg, config.get("mlflow_run_id"), config.get("mlflow_uri")) if rank == 0 else None

@@ -57,7 +57,8 @@ class BIFIT(nn.Module):
         self.cfg = cfg
         d = cfg.hidden_dim
         self.num_queries = cfg.num_queries
-        self.backbone = VisualBackbone(cfg.backbone, cfg.train_backbone, cfg.dilation, cfg.backbone_weights)
+        self.backbone = VisualBackbone(cfg.backbone, cfg.train_backbone, cfg.dilation, cfg.backbone_weights,
+                                       cfg.backbone_norm, cfg.backbone_trainable_layers)
         self.text_encoder = text_encoder
         if cfg.freeze_text_encoder:
             self.text_encoder.requires_grad_(False)
@@ -159,7 +160,8 @@ class BIFIT(nn.Module):
         src_masks, src_poses = visual.src_masks, visual.src_poses
         srcs, fused_text = self.vl_interaction(visual.srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
         if self.cfg.bidirectional_vl:
-            sentence = self.vl_interaction.sentence_pool(fused_text.transpose(0, 1))  # [b, c]
+            pool_from = fused_text if self.cfg.sentence_source == "fused_text" else text_seq
+            sentence = self.vl_interaction.sentence_pool(pool_from.transpose(0, 1))  # [b, c]
         else:
             sentence = pooled
         q = self.num_queries

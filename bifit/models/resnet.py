@@ -4,6 +4,9 @@ Same module names and state-dict keys as torchvision's ResNet (conv1, bn1, layer
 layer1.0.downsample.0/1), so torchvision ImageNet files and official checkpoints load unchanged.
 Each frozen BN is applied by scaling the conv kernel and adding a bias (one weight-sized multiply)
 instead of a multiply-add over the whole activation; the result is the same affine map.
+
+`norm="batch_norm"` or `"group_norm"` swaps in trainable normalisation (for a backbone trained from
+scratch, where frozen identity statistics leave the network unnormalised); the module names stay.
 """
 
 from __future__ import annotations
@@ -37,8 +40,24 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> torch.Tensor:
-    """bn(conv(x)) with the frozen BN folded into the kernel."""
+NORMS = ("frozen_batch_norm", "batch_norm", "group_norm")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """The backbone's normalisation layer: frozen BN (official, pretrained weights), trainable BN or GroupNorm(32)."""
+    if kind == "frozen_batch_norm":
+        return FrozenBatchNorm2d(channels)
+    if kind == "batch_norm":
+        return nn.BatchNorm2d(channels)
+    if kind == "group_norm":
+        return nn.GroupNorm(min(32, channels), channels)
+    raise ValueError(f"model.backbone_norm: expected one of {NORMS}, got {kind!r}")
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
+    """bn(conv(x)); a frozen BN is folded into the kernel."""
+    if not isinstance(bn, FrozenBatchNorm2d):
+        return bn(conv(x))
     scale, shift = bn.scale_shift()
     return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding, conv.dilation)
 
@@ -46,12 +65,12 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> torch.Te
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1, norm="frozen_batch_norm"):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn1 = FrozenBatchNorm2d(planes)
+        self.bn1 = make_norm(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = FrozenBatchNorm2d(planes)
+        self.bn2 = make_norm(norm, planes)
         self.downsample = downsample
 
     def forward(self, x):
@@ -64,14 +83,14 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1, norm="frozen_batch_norm"):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(planes)
+        self.bn1 = make_norm(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = FrozenBatchNorm2d(planes)
+        self.bn2 = make_norm(norm, planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = FrozenBatchNorm2d(planes * 4)
+        self.bn3 = make_norm(norm, planes * 4)
         self.downsample = downsample
 
     def forward(self, x):
@@ -93,11 +112,12 @@ ARCHS = {
 class ResNetBody(nn.Module):
     """Stem + layer1..4; forward returns res2..res5 ([n, c_l, h_l, w_l], strides 4/8/16/32)."""
 
-    def __init__(self, name: str, dilation: bool = False):
+    def __init__(self, name: str, dilation: bool = False, norm: str = "frozen_batch_norm"):
         super().__init__()
         block, depths = ARCHS[name]
+        self.norm = norm
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.bn1 = make_norm(norm, 64)
         self.inplanes, self.dilation = 64, 1
         self.layer1 = self._make_layer(block, 64, depths[0])
         self.layer2 = self._make_layer(block, 128, depths[1], stride=2)
@@ -116,11 +136,11 @@ class ResNetBody(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                FrozenBatchNorm2d(planes * block.expansion),
+                make_norm(self.norm, planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample, prev_dilation)]
+        layers = [block(self.inplanes, planes, stride, downsample, prev_dilation, self.norm)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, dilation=self.dilation, norm=self.norm) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x):

@@ -38,3 +38,35 @@ def test_missing_weights_file_names_the_key(tmp_path):
 def test_unknown_backbone_is_rejected():
     with pytest.raises(ValueError, match="model.backbone"):
         VisualBackbone("vgg16", True)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "group_norm"])
+def test_trainable_norms_keep_torchvision_names_and_train_the_stem_when_asked(tmp_path, norm):
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    ours = VisualBackbone("resnet18", True, norm=norm, trainable_layers=5)
+    assert isinstance(ours.body.layer1[0].bn1, torch.nn.BatchNorm2d if norm == "batch_norm" else torch.nn.GroupNorm)
+    trainable = {n.split(".")[0] for n, p in ours.body.named_parameters() if p.requires_grad}
+    assert trainable == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+    if norm == "batch_norm":  # the same state-dict keys: ImageNet files load into the trainable-BN body too
+        VisualBackbone("resnet18", True, weights_path=str(tmp_path / "r18.pth"), norm=norm)
+    # normalised activations: a scaled input gives the same features (an unnormalised body scales with it)
+    x = torch.rand(2, 3, 64, 96)
+    ours.eval() if norm == "group_norm" else ours.train()
+    with torch.no_grad():
+        a, b = ours(x)[-1], ours(10 * x)[-1]
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+@pytest.mark.parametrize("layers, expected", [(0, set()), (1, {"layer4"}), (3, {"layer2", "layer3", "layer4"}),
+                                              (4, {"layer1", "layer2", "layer3", "layer4"})])
+def test_trainable_layers_follow_torchvision_order(layers, expected):
+    ours = VisualBackbone("resnet18", True, trainable_layers=layers)
+    assert {n.split(".")[0] for n, p in ours.body.named_parameters() if p.requires_grad} == expected
+    with pytest.raises(ValueError, match="model.backbone_trainable_layers"):
+        VisualBackbone("resnet18", True, trainable_layers=6)
+
+
+def test_unknown_norm_is_rejected():
+    with pytest.raises(ValueError, match="model.backbone_norm"):
+        VisualBackbone("resnet18", True, norm="layer_norm")

@@ -104,3 +104,20 @@ def test_frozen_text_encoder_and_backbone_freezing_rules():
     frozen = tiny_model(train_backbone=False)
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
     assert tiny_model_config().aux_loss
+
+
+@pytest.mark.parametrize("source", ["fused_text", "text"])
+def test_sentence_source_picks_the_first_token_before_or_after_fusion(source):
+    model = tiny_model(sentence_source=source).eval()
+    images, mask, ids, attn, sizes, _ = tiny_batch(b=2, t=2)
+    record = {}
+    with torch.no_grad():
+        model(images, mask, ids, attn, sizes, record=record)
+        last = max(int(k.rsplit(".", 1)[1]) for k in record if k.startswith("text_fusion_module."))
+        fused_first = record[f"text_fusion_module.{last}"][0]  # [l, b, c] -> [b, c]
+        text_first = record["resizer"][:, 0]  # [b, l, c] -> [b, c]
+        pool = model.vl_interaction.sentence_pool.dense
+        expected = torch.tanh(pool(fused_first if source == "fused_text" else text_first))
+        other = torch.tanh(pool(text_first if source == "fused_text" else fused_first))
+    torch.testing.assert_close(record["sentence"], expected)
+    assert not torch.allclose(record["sentence"], other)

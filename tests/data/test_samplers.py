@@ -1,0 +1,63 @@
+"""VideoGroupedBatchSampler: one video per batch, different objects, every sample at most once, ranks disjoint."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from bifit.data.samplers import VideoGroupedBatchSampler
+
+
+@dataclass(frozen=True)
+class S:
+    video: str
+    obj_id: str
+
+
+def samples():
+    # video a: 3 objects x 4 samples; b: 2 objects x 3 samples; c: one object, one sample (cannot fill a batch)
+    return ([S("a", o) for o in "123" for _ in range(4)] + [S("b", o) for o in "12" for _ in range(3)]
+            + [S("c", "1")])
+
+
+def test_batches_hold_one_video_and_different_objects():
+    data = samples()
+    sampler = VideoGroupedBatchSampler(data, batch_size=2, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 12 // 2 + 6 // 2  # c's lone sample is dropped
+    for batch in batches:
+        assert len(batch) == 2
+        assert len({data[i].video for i in batch}) == 1
+        assert len({data[i].obj_id for i in batch}) == 2  # round-robin over the video's objects
+    used = Counter(i for b in batches for i in b)
+    assert max(used.values()) == 1 and len(used) == 18
+
+
+def test_epochs_reshuffle_and_repeat_with_the_seed():
+    data = samples()
+    a, b = VideoGroupedBatchSampler(data, 2, seed=3), VideoGroupedBatchSampler(data, 2, seed=3)
+    first = list(a)
+    assert first == list(b)
+    a.set_epoch(1)
+    assert list(a) != first and len(list(a)) == len(first)
+
+
+def test_ranks_share_each_step_s_video_and_get_disjoint_samples():
+    data = samples()
+    shares = [list(VideoGroupedBatchSampler(data, 2, num_replicas=2, rank=r, seed=1)) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 12 // 4 + 6 // 4
+    for mine, theirs in zip(*shares):  # one optimizer step: the global batch is one video, 4 samples
+        step = mine + theirs
+        assert len({data[i].video for i in step}) == 1 and len(step) == 4
+        assert len({data[i].obj_id for i in step}) == min(4, len({s.obj_id for s in data if s.video == data[step[0]].video}))
+    flat = [i for share in shares for b in share for i in b]
+    assert len(flat) == len(set(flat)) == 16
+
+
+def test_rejects_settings_that_leave_nothing():
+    with pytest.raises(ValueError, match="no video has 5 samples"):
+        VideoGroupedBatchSampler([S("a", "1")] * 4, batch_size=5)
+    with pytest.raises(ValueError, match="rank"):
+        VideoGroupedBatchSampler(samples(), 2, num_replicas=2, rank=2)
