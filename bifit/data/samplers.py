@@ -2,8 +2,8 @@
 
 `VideoGroupedBatchSampler` fills each optimizer step's global batch (all ranks together) with expressions of
 ONE video that refer to different objects (the same scene, different targets), so that every step contrasts
-referents: a model that ignores the sentence cannot fit such a batch. The official recipe draws clips independently (a `DistributedSampler`);
-this is a training-recipe option for short schedules (`data.batch_grouping: video`).
+referents: a model that ignores the sentence cannot fit such a batch. The official recipe draws clips
+independently (a `DistributedSampler`); this is a training-recipe option (`data.batch_grouping: video`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class VideoGroupedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, samples: Sequence, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         if batch_size < 1:
-            raise ValueError(f"VideoGroupedBatchSampler.batch_size: expected >= 1, got {batch_size}")
+            raise ValueError(f"train.batch_size: expected an integer >= 1, got {batch_size}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"VideoGroupedBatchSampler.rank: expected 0 <= rank < {num_replicas}, got {rank}")
         self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
@@ -46,9 +46,10 @@ class VideoGroupedBatchSampler(Sampler[list[int]]):
             by_video[s.video][s.obj_id].append(i)
         self.videos = {v: dict(objs) for v, objs in sorted(by_video.items())}
         if len(self) == 0:
-            raise ValueError(f"VideoGroupedBatchSampler: no video has {batch_size * num_replicas} samples to fill "
-                             f"a batch of {batch_size} for each of {num_replicas} rank(s) ({len(samples)} samples "
-                             f"in {len(self.videos)} videos)")
+            raise ValueError(f"data.batch_grouping: video: no video has {batch_size * num_replicas} samples to fill "
+                             f"a batch of {batch_size} (train.batch_size) for each of {num_replicas} rank(s) "
+                             f"({len(samples)} samples in {len(self.videos)} videos); lower train.batch_size or "
+                             "use data.batch_grouping: none")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

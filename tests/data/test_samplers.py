@@ -51,13 +51,40 @@ def test_ranks_share_each_step_s_video_and_get_disjoint_samples():
     for mine, theirs in zip(*shares):  # one optimizer step: the global batch is one video, 4 samples
         step = mine + theirs
         assert len({data[i].video for i in step}) == 1 and len(step) == 4
-        assert len({data[i].obj_id for i in step}) == min(4, len({s.obj_id for s in data if s.video == data[step[0]].video}))
+        objects_in_video = {s.obj_id for s in data if s.video == data[step[0]].video}
+        assert len({data[i].obj_id for i in step}) == min(4, len(objects_in_video))
     flat = [i for share in shares for b in share for i in b]
     assert len(flat) == len(set(flat)) == 16
 
 
 def test_rejects_settings_that_leave_nothing():
-    with pytest.raises(ValueError, match="no video has 5 samples"):
+    with pytest.raises(ValueError, match="data.batch_grouping: video: no video has 5 samples"):
         VideoGroupedBatchSampler([S("a", "1")] * 4, batch_size=5)
     with pytest.raises(ValueError, match="rank"):
         VideoGroupedBatchSampler(samples(), 2, num_replicas=2, rank=2)
+
+
+def test_pipeline_loader_uses_the_grouped_sampler_when_asked(monkeypatch):
+    from pipeline.config import PipelineConfig
+    from pipeline.train import _loader
+
+    class Dataset:  # the loader only needs .samples and item access
+        samples = samples()
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, i):
+            return i
+
+    cfg = PipelineConfig()
+    cfg.train.batch_size = 2
+    cfg.data.batch_grouping = "video"
+    sampler, loader = _loader(cfg, Dataset(), world=1, rank=0)
+    monkeypatch.setattr(loader, "collate_fn", list)
+    assert isinstance(sampler, VideoGroupedBatchSampler) and len(loader) == len(sampler) == 9
+    for batch in loader:
+        assert len({Dataset.samples[i].video for i in batch}) == 1
+    cfg.data.batch_grouping = "none"
+    sampler, loader = _loader(cfg, Dataset(), world=1, rank=0)
+    assert not isinstance(sampler, VideoGroupedBatchSampler) and len(loader) == 19 // 2
