@@ -54,8 +54,9 @@ class ModelConfig:
     inter_frame_layers: int = 1  # BIFIT inter-frame interaction layers (0 turns the module off)
     bidirectional_vl: bool = True  # false: one-way fusion and the encoder's pooled sentence (ReferFormer)
     # where the bidirectional model's sentence feature comes from: the first token of the text after the
-    # vision-to-text fusion (official) or before it (the resized encoder output)
-    sentence_source: Literal["fused_text", "text"] = "fused_text"
+    # vision-to-text fusion (official), before it (the resized encoder output), or the mean of the resized
+    # encoder output over the expression's tokens (text_mean)
+    sentence_source: Literal["fused_text", "text", "text_mean"] = "fused_text"
     msda_backend: Literal["auto", "cpu", "cuda", "pytorch"] = "auto"
 
     def validate(self, where: str = "model"):
@@ -141,6 +142,9 @@ class DataConfig:
     # "none": clips drawn independently (official); "video": every batch holds expressions of one video about
     # different objects (bifit/data/samplers.py), so each step contrasts referents in the same scene
     batch_grouping: Literal["none", "video"] = "none"
+    # 1 (official): one expression per clip. k > 1: each clip is decoded with k expressions of its video (the
+    # sampled one plus expressions about the other objects in the clip); the backbone runs once per clip
+    expressions_per_clip: int = 1
 
     def validate(self, where: str = "data"):
         _check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)
@@ -155,6 +159,8 @@ class DataConfig:
                self.crop_resize_scales)
         _check(self.eval_short_side >= 32, f"{where}.eval_short_side", "an integer >= 32", self.eval_short_side)
         _check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
+        _check(self.expressions_per_clip >= 1, f"{where}.expressions_per_clip", "an integer >= 1",
+               self.expressions_per_clip)
 
 
 @dataclass

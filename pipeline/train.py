@@ -87,7 +87,8 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
     categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
     dataset = YTVOSDataset(d.root, "train", d.num_frames,
                            transforms=make_train_transforms(resize, photometric=d.photometric), categories=categories,
-                           skip_bad_samples=d.skip_bad_samples, skip_log=skip_log)
+                           skip_bad_samples=d.skip_bad_samples, skip_log=skip_log,
+                           expressions_per_clip=d.expressions_per_clip)
     proxy = cfg.datasets.ytvos_proxy  # the local-proxy videos (bifit/eval/ytvos_proxy.py) stay unseen
     if proxy.exclude_from_training:
         from bifit.eval.ytvos_proxy import hold_out, proxy_videos

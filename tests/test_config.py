@@ -34,6 +34,7 @@ def test_library_config_rejects_pipeline_sections_by_name(tmp_path):
     ("train:\n  lr_drop: [6, x]\n", "train.lr_drop[1]: expected an integer"),
     ("train:\n  lr: 0\n", "train.lr: expected a float > 0"),
     ("data:\n  max_size: 100\n", "data.max_size: expected >= the largest train scale"),
+    ("data:\n  expressions_per_clip: 0\n", "data.expressions_per_clip: expected an integer >= 1"),
 ])
 def test_invalid_values_name_the_file_and_key(tmp_path, text, message):
     path = _write(tmp_path, text)

@@ -46,10 +46,19 @@ def pad_clips(clips: Sequence[torch.Tensor], divisibility: int = SIZE_DIVISIBILI
     return images, mask
 
 
-def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> VideoBatch:
-    """DataLoader collate for ``(imgs [T, 3, H, W], target)`` samples; captions come from the targets."""
+def collate_fn(batch: Sequence[tuple[torch.Tensor, dict | list[dict]]]) -> VideoBatch:
+    """DataLoader collate for ``(imgs [T, 3, H, W], target)`` samples; captions come from the targets.
+
+    Samples whose target is a list of k targets (k expressions sharing one clip) give ``images [B, ...]`` and
+    ``B * k`` targets and captions in expression-major order: entry ``i * B + b`` is expression i of clip b (the
+    order in which the model repeats a clip's visual features)."""
     clips, targets = zip(*batch)
     images, image_mask = pad_clips(clips)
+    if isinstance(targets[0], list):
+        counts = {len(t) for t in targets}
+        if len(counts) != 1:
+            raise ValueError(f"collate_fn: every clip needs the same number of expressions, got {sorted(counts)}")
+        targets = [group[i] for i in range(counts.pop()) for group in targets]
     return VideoBatch(images, image_mask, [t["caption"] for t in targets], list(targets))
 
 

@@ -111,6 +111,8 @@ def hflip(clip: Clip, target: Target) -> tuple[Clip, Target]:
         target["masks"] = target["masks"].flip(-1)
     if "caption" in target:
         target["caption"] = swap_left_right(target["caption"])
+    if "captions" in target:  # several expressions sharing the clip (YTVOSDataset expressions_per_clip > 1)
+        target["captions"] = [swap_left_right(c) for c in target["captions"]]
     return clip, target
 
 

@@ -280,15 +280,21 @@ class YTVOSDataset(Dataset):
     cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32, ``caption``, ``orig_size`` and
     ``size`` ([h, w] long), ``video``, ``exp_id``, ``obj_id``. ``transforms=None`` only normalises.
     ``categories`` defaults to the 65 YTVOS classes (use ``synthetic.SYNTHETIC_CATEGORIES`` for the embedded set).
+    ``expressions_per_clip`` k > 1: every item is ``(imgs, [target] * k)``, the sampled expression first, then
+    expressions of the same video about other objects seen in the clip (distinct objects first), all under the
+    same clip, frames and augmentation; ``collate_fn`` batches them expression-major.
     ``rng`` (clip sampling and redraws) defaults to the ``random`` module, which PyTorch reseeds in every DataLoader
     worker; a ``random.Random`` passed here is copied into each worker with the same state.
     """
 
     def __init__(self, root, split: str = "train", num_frames: int = 6, transforms=None,
                  categories: Sequence[str] | None = None, skip_bad_samples: bool = False, rng=None,
-                 max_retries: int = 100, skip_log: str | Path | None = None):
+                 max_retries: int = 100, skip_log: str | Path | None = None, expressions_per_clip: int = 1):
         if num_frames < 1:
             raise ValueError(f"YTVOSDataset.num_frames: expected >= 1, got {num_frames}")
+        if expressions_per_clip < 1:
+            raise ValueError(f"YTVOSDataset.expressions_per_clip: expected >= 1, got {expressions_per_clip}")
+        self.expressions_per_clip = expressions_per_clip
         self.root, self.split, self.num_frames = Path(root), split, num_frames
         self.transforms = transforms if transforms is not None else Compose([Normalize()])
         self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
@@ -321,7 +327,8 @@ class YTVOSDataset(Dataset):
                 self._record_skip(err, idx)
                 idx = (idx + 1) % len(self)
                 continue
-            if torch.any(target["valid"] == 1):
+            first = target[0] if isinstance(target, list) else target
+            if torch.any(first["valid"] == 1):
                 return imgs, target
             idx = self.rng.randint(0, len(self) - 1)  # no valid frame after augmentation: redraw (reference)
         raise RuntimeError(f"{self.root / self.split}: no loadable clip with a valid frame after "
@@ -354,32 +361,66 @@ class YTVOSDataset(Dataset):
         split_dir = self.root / self.split
         return split_dir / "JPEGImages" / video / f"{frame}.jpg", split_dir / "Annotations" / video / f"{frame}.png"
 
+    def video_expressions(self, video: str) -> list[TrainSample]:
+        """One sample per expression of ``video`` (its first anchor), in listing order (cached)."""
+        if getattr(self, "_by_video", None) is None:
+            self._by_video = {}
+            for s in self.samples:
+                exps = self._by_video.setdefault(s.video, {})
+                exps.setdefault(s.exp_id, s)
+        return list(self._by_video.get(video, {}).values())
+
+    def partner_expressions(self, sample: TrainSample, present: set[str]) -> list[TrainSample]:
+        """``expressions_per_clip - 1`` other expressions of the video whose objects are in ``present``: one per
+        other object first (random order), then the remaining expressions, repeated if there are too few."""
+        need = self.expressions_per_clip - 1
+        others = [s for s in self.video_expressions(sample.video) if s.exp_id != sample.exp_id and s.obj_id in present]
+        if not others:
+            return [sample] * need
+        self.rng.shuffle(others)
+        picked, seen_objects = [], {sample.obj_id}
+        for s in others:  # distinct other objects first
+            if s.obj_id not in seen_objects:
+                picked.append(s)
+                seen_objects.add(s.obj_id)
+        picked += [s for s in others if s not in picked]
+        return [picked[i % len(picked)] for i in range(need)]
+
     def load(self, sample: TrainSample):
         """Load and transform one sample (raises SampleError on bad files)."""
         positions = sample_clip_indices(sample.anchor, len(sample.frames), self.num_frames, self.rng)
-        clip, masks, boxes, valid = [], [], [], []
+        clip, id_maps = [], []
         for pos in positions:
             frame = sample.frames[pos]
             img_path, ann_path = self.frame_paths(sample.video, frame)
             sid = f"{sample.sample_id} frame {frame}"
             img = load_image(img_path, sid)
-            mask = load_id_map(ann_path, sid, img.size) == int(sample.obj_id)
             clip.append(img)
-            masks.append(torch.from_numpy(mask))
-            valid.append(int(mask.any()))
-            boxes.append(torch.tensor(bounding_box(mask) if mask.any() else (0, 0, 0, 0), dtype=torch.float32))
-        if not any(valid) and not self.object_has_mask(sample):
+            id_maps.append(load_id_map(ann_path, sid, img.size))
+        group = [sample]
+        if self.expressions_per_clip > 1:
+            present = {str(i) for ids in id_maps for i in np.unique(ids) if i}
+            group += self.partner_expressions(sample, present)
+        w, h = clip[0].size
+        masks, boxes, valid = [], [], []  # [(k t), ...]: expression-major
+        for member in group:
+            for ids in id_maps:
+                mask = ids == int(member.obj_id)
+                masks.append(torch.from_numpy(mask))
+                valid.append(int(mask.any()))
+                boxes.append(torch.tensor(bounding_box(mask) if mask.any() else (0, 0, 0, 0), dtype=torch.float32))
+        t = len(positions)
+        if not any(valid[:t]) and not self.object_has_mask(sample):
             raise SampleError(self.root / self.split / "Annotations" / sample.video, sample.sample_id,
                               f"object id {sample.obj_id} has no mask in any annotation PNG of the video")
-        w, h = clip[0].size
-        boxes = torch.stack(boxes)  # [T, 4] absolute xyxy
+        boxes = torch.stack(boxes)  # [(k t), 4] absolute xyxy
         boxes[:, 0::2].clamp_(min=0, max=w)
         boxes[:, 1::2].clamp_(min=0, max=h)
         target = {
             "frames_idx": torch.tensor(positions, dtype=torch.long),
-            "labels": torch.full((len(positions),), sample.category_id, dtype=torch.long),
+            "labels": torch.full((t,), sample.category_id, dtype=torch.long),
             "boxes": boxes,
-            "masks": torch.stack(masks).float(),  # [T, H, W]
+            "masks": torch.stack(masks).float(),  # [(k t), H, W]
             "valid": torch.tensor(valid, dtype=torch.int32),
             "caption": sample.caption,
             "orig_size": torch.tensor([h, w]),
@@ -388,9 +429,28 @@ class YTVOSDataset(Dataset):
             "exp_id": sample.exp_id,
             "obj_id": sample.obj_id,
         }
+        if len(group) > 1:
+            target["captions"] = [m.caption for m in group]
         imgs, target = self.transforms(clip, target)
         target["masks"] = target["masks"].bool()
-        return imgs, target
+        if len(group) == 1:
+            return imgs, target
+        return imgs, split_group_target(target, group, t)
+
+
+def split_group_target(target: dict, group: list[TrainSample], t: int) -> list[dict]:
+    """A transformed target holding k expressions' rows ([(k t), ...]) -> k ordinary targets."""
+    out = []
+    for i, member in enumerate(group):
+        rows = slice(i * t, (i + 1) * t)
+        own = {k: v for k, v in target.items() if k != "captions"}
+        own.update(boxes=target["boxes"][rows], masks=target["masks"][rows], valid=target["valid"][rows],
+                   caption=target["captions"][i], exp_id=member.exp_id, obj_id=member.obj_id,
+                   labels=torch.full((t,), member.category_id, dtype=torch.long))
+        if "area" in target:
+            own["area"] = target["area"][rows]
+        out.append(own)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

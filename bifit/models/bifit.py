@@ -151,6 +151,11 @@ class BIFIT(nn.Module):
         if visual is None:
             visual = self.encode_visual(images, image_mask, valid_indices)
         b, t = input_ids.shape[0], visual.num_frames
+        clips = visual.res2.shape[0] // t
+        if b != clips:  # k expressions per clip, expression-major: the clips' features repeated k times
+            if b % clips:
+                raise ValueError(f"BIFIT: {b} expressions for {clips} clips; expected a multiple (k per clip)")
+            visual = visual.repeat(b // clips)
         dtype = visual.res2.dtype
         text, text_mask, pooled = self.encode_text(input_ids, attention_mask)
         text_seq = text.transpose(0, 1)  # [l, b, c]
@@ -159,7 +164,11 @@ class BIFIT(nn.Module):
             record.update(resizer=text)
         src_masks, src_poses = visual.src_masks, visual.src_poses
         srcs, fused_text = self.vl_interaction(visual.srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
-        if self.cfg.bidirectional_vl:
+        if self.cfg.bidirectional_vl and self.cfg.sentence_source == "text_mean":
+            keep = (~text_mask).to(text.dtype)[..., None]  # [b, l, 1]
+            mean = (text * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)  # [b, 1, c]
+            sentence = self.vl_interaction.sentence_pool(mean)  # [b, c]
+        elif self.cfg.bidirectional_vl:
             pool_from = fused_text if self.cfg.sentence_source == "fused_text" else text_seq
             sentence = self.vl_interaction.sentence_pool(pool_from.transpose(0, 1))  # [b, c]
         else:

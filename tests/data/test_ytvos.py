@@ -243,3 +243,77 @@ def test_skip_bad_samples_records_and_serves_next(bench_copy, caplog):
     assert "skipping bad Ref-YouTube-VOS sample" in caplog.text
     _, again = ds[0]
     assert again["video"] == t["video"] and len(ds.skipped) == first_good  # deterministic, no duplicates
+
+
+def test_expressions_per_clip_share_the_clip_and_refer_to_other_objects(bench):
+    ds = dataset(bench, expressions_per_clip=3)
+    exps = meta(bench)
+    for idx in range(0, len(ds), 7):
+        imgs, group = ds[idx]
+        s = ds.samples[idx]
+        assert isinstance(group, list) and len(group) == 3
+        assert (group[0]["exp_id"], group[0]["obj_id"]) == (s.exp_id, s.obj_id)
+        present = set()
+        for pos in group[0]["frames_idx"].tolist():
+            png = np.array(Image.open(bench / "train" / "Annotations" / s.video / f"{s.frames[pos]}.png"))
+            present |= {str(i) for i in np.unique(png) if i}
+        partners = [t["obj_id"] for t in group[1:]]
+        assert set(partners) <= present
+        assert len(set(partners) - {s.obj_id}) == min(2, len(present - {s.obj_id}))  # distinct objects first
+        for t in group:
+            assert t["video"] == s.video and torch.equal(t["frames_idx"], group[0]["frames_idx"])
+            assert t["caption"] == " ".join(exps[s.video]["expressions"][t["exp_id"]]["exp"].lower().split())
+            assert exps[s.video]["expressions"][t["exp_id"]]["obj_id"] == t["obj_id"]
+            for k, pos in enumerate(t["frames_idx"].tolist()):
+                png = np.array(Image.open(bench / "train" / "Annotations" / s.video / f"{s.frames[pos]}.png"))
+                assert torch.equal(t["masks"][k], torch.from_numpy(png == int(t["obj_id"])))
+                assert t["valid"][k] == int((png == int(t["obj_id"])).any())
+
+
+def test_expressions_per_clip_get_the_same_augmentation_and_batch_expression_major(bench):
+    from bifit.data.transforms import PAPER_RESIZE, make_train_transforms
+
+    rng = random.Random(3)
+    ds = YTVOSDataset(bench, "train", 2, transforms=make_train_transforms(PAPER_RESIZE, rng=rng, photometric="none"),
+                      categories=SYNTHETIC_CATEGORIES, rng=rng, expressions_per_clip=2)
+    for idx in range(12):
+        imgs, group = ds[idx]
+        plain = next(s for s in ds.video_expressions(group[0]["video"]) if s.exp_id == group[0]["exp_id"])
+        size = tuple(imgs.shape[-2:])
+        for t in group:
+            assert t["masks"].shape[-2:] == size and t["size"].tolist() == list(size)
+        partner = next(s for s in ds.video_expressions(plain.video) if s.exp_id == group[1]["exp_id"])
+        assert group[1]["caption"] in (partner.caption, syn_swap(partner.caption))
+        # the partner's caption is swapped exactly when the sampled one is (one flip for the whole clip)
+        if plain.caption != syn_swap(plain.caption) and partner.caption != syn_swap(partner.caption):
+            assert (group[0]["caption"] == plain.caption) == (group[1]["caption"] == partner.caption)
+    plain_ds = dataset(bench, expressions_per_clip=2)
+    (imgs0, g0), (imgs1, g1) = plain_ds[0], plain_ds[5]
+    batch = collate_fn([(imgs0, g0), (imgs1, g1)])
+    assert batch.images.shape[0] == 2 and len(batch.targets) == 4
+    assert [t["exp_id"] for t in batch.targets] == [g0[0]["exp_id"], g1[0]["exp_id"], g0[1]["exp_id"], g1[1]["exp_id"]]
+    assert batch.targets[0]["exp_id"] == plain_ds.samples[0].exp_id
+    assert batch.captions == [t["caption"] for t in batch.targets]
+    with pytest.raises(ValueError, match="same number of expressions"):
+        collate_fn([(imgs0, g0), (imgs1, g1[:1])])
+
+
+def syn_swap(caption: str) -> str:
+    from bifit.data.transforms import swap_left_right
+
+    return swap_left_right(caption)
+
+
+def test_train_stage_dataset_takes_expressions_per_clip_from_the_config(bench):
+    from pipeline.config import PipelineConfig
+    from pipeline.train import _dataset
+
+    cfg = PipelineConfig()
+    cfg.data.root, cfg.data.categories, cfg.data.num_frames = str(bench), "synthetic", 2
+    cfg.datasets.ytvos_proxy.exclude_from_training = False
+    cfg.data.expressions_per_clip = 3
+    _, group = _dataset(cfg)[0]
+    assert [len(group), group[0]["masks"].shape[0]] == [3, 2]
+    cfg.data.expressions_per_clip = 1
+    _, target = _dataset(cfg)[0]
+    assert isinstance(target, dict)

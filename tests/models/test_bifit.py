@@ -106,6 +106,21 @@ def test_frozen_text_encoder_and_backbone_freezing_rules():
     assert tiny_model_config().aux_loss
 
 
+def test_sentence_source_text_mean_pools_the_unpadded_tokens():
+    model = tiny_model(sentence_source="text_mean").eval()
+    images, mask, ids, attn, sizes, _ = tiny_batch(b=2, t=2)
+    attn[1, 3:] = 0  # the second expression is 3 tokens long
+    ids[1, 3:] = 1
+    record = {}
+    with torch.no_grad():
+        model(images, mask, ids, attn, sizes, record=record)
+        text = record["resizer"]  # [b, l, c]
+        pool = model.vl_interaction.sentence_pool.dense
+        expected = torch.tanh(pool(torch.stack([text[0].mean(0), text[1, :3].mean(0)])))
+    torch.testing.assert_close(record["sentence"], expected)
+    assert not torch.allclose(record["sentence"][1], torch.tanh(pool(text[1].mean(0))))
+
+
 @pytest.mark.parametrize("source", ["fused_text", "text"])
 def test_sentence_source_picks_the_first_token_before_or_after_fusion(source):
     model = tiny_model(sentence_source=source).eval()
@@ -121,3 +136,22 @@ def test_sentence_source_picks_the_first_token_before_or_after_fusion(source):
         other = torch.tanh(pool(text_first if source == "fused_text" else fused_first))
     torch.testing.assert_close(record["sentence"], expected)
     assert not torch.allclose(record["sentence"], other)
+
+
+def test_expressions_sharing_a_clip_equal_the_clip_repeated():
+    """k expressions per clip (expression-major) give the outputs of the clip fed k times, backbone run once."""
+    model = tiny_model().eval()
+    images, mask, _, _, sizes, _ = tiny_batch(b=2, t=2, pad_last=True)
+    _, _, ids, attn, _, _ = tiny_batch(b=6, t=2, seed=1)  # 3 expressions for each of the 2 clips
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        shared = model(images, mask, ids, attn, sizes.repeat(3, 1))
+        repeated = model(images.repeat(3, 1, 1, 1, 1), mask.repeat(3, 1, 1, 1), ids, attn, sizes.repeat(3, 1))
+    assert calls == [4, 12]  # (b t) frames through the backbone: once per clip, then once per expression
+    assert shared["pred_masks"].shape == (6, 2, 3, 16, 24)
+    torch.testing.assert_close(shared["pred_masks"], repeated["pred_masks"])
+    torch.testing.assert_close(shared["pred_boxes"], repeated["pred_boxes"])
+    assert not torch.allclose(shared["pred_masks"][0], shared["pred_masks"][2])  # same clip, other expression
+    with pytest.raises(ValueError, match="multiple"):
+        model(images, mask, ids[:5], attn[:5], sizes.repeat(3, 1)[:5])
