@@ -284,9 +284,23 @@ def test_expressions_per_clip_get_the_same_augmentation_and_batch_expression_maj
             assert t["masks"].shape[-2:] == size and t["size"].tolist() == list(size)
         partner = next(s for s in ds.video_expressions(plain.video) if s.exp_id == group[1]["exp_id"])
         assert group[1]["caption"] in (partner.caption, syn_swap(partner.caption))
-        # the partner's caption is swapped exactly when the sampled one is (one flip for the whole clip)
-        if plain.caption != syn_swap(plain.caption) and partner.caption != syn_swap(partner.caption):
-            assert (group[0]["caption"] == plain.caption) == (group[1]["caption"] == partner.caption)
+    # a flip applies to the whole group: every caption swapped, every mask mirrored
+    from bifit.data.transforms import Compose, Normalize, RandomHorizontalFlip
+
+    flipping = YTVOSDataset(bench, "train", 2, transforms=Compose([RandomHorizontalFlip(p=1.0), Normalize()]),
+                            categories=SYNTHETIC_CATEGORIES, rng=random.Random(0), expressions_per_clip=3)
+    swapped = 0
+    for idx in range(0, len(flipping), 3):
+        _, group = flipping[idx]
+        video = group[0]["video"]
+        for t in group:
+            partner = next(s for s in flipping.video_expressions(video) if s.exp_id == t["exp_id"])
+            assert t["caption"] == syn_swap(partner.caption)
+            swapped += t["caption"] != partner.caption
+            for k, pos in enumerate(t["frames_idx"].tolist()):
+                png = np.array(Image.open(bench / "train" / "Annotations" / video / f"{partner.frames[pos]}.png"))
+                assert torch.equal(t["masks"][k], torch.from_numpy(png[:, ::-1].copy() == int(t["obj_id"])))
+    assert swapped > 0  # some expressions name left or right
     plain_ds = dataset(bench, expressions_per_clip=2)
     (imgs0, g0), (imgs1, g1) = plain_ds[0], plain_ds[5]
     batch = collate_fn([(imgs0, g0), (imgs1, g1)])
