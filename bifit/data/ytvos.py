@@ -295,6 +295,7 @@ class YTVOSDataset(Dataset):
         if expressions_per_clip < 1:
             raise ValueError(f"YTVOSDataset.expressions_per_clip: expected >= 1, got {expressions_per_clip}")
         self.expressions_per_clip = expressions_per_clip
+        self._by_video, self._by_video_of = {}, None  # video -> exp_id -> sample, and the list it indexes
         self.root, self.split, self.num_frames = Path(root), split, num_frames
         self.transforms = transforms if transforms is not None else Compose([Normalize()])
         self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
@@ -362,12 +363,12 @@ class YTVOSDataset(Dataset):
         return split_dir / "JPEGImages" / video / f"{frame}.jpg", split_dir / "Annotations" / video / f"{frame}.png"
 
     def video_expressions(self, video: str) -> list[TrainSample]:
-        """One sample per expression of ``video`` (its first anchor), in listing order (cached)."""
-        if getattr(self, "_by_video", None) is None:
-            self._by_video = {}
+        """One sample per expression of ``video`` (its first anchor), in listing order; the index is rebuilt
+        when ``samples`` is replaced (e.g. by ``ytvos_proxy.hold_out``)."""
+        if self._by_video_of is not self.samples:
+            self._by_video, self._by_video_of = {}, self.samples
             for s in self.samples:
-                exps = self._by_video.setdefault(s.video, {})
-                exps.setdefault(s.exp_id, s)
+                self._by_video.setdefault(s.video, {}).setdefault(s.exp_id, s)
         return list(self._by_video.get(video, {}).values())
 
     def partner_expressions(self, sample: TrainSample, present: set[str]) -> list[TrainSample]:

@@ -331,3 +331,11 @@ def test_train_stage_dataset_takes_expressions_per_clip_from_the_config(bench):
     cfg.data.expressions_per_clip = 1
     _, target = _dataset(cfg)[0]
     assert isinstance(target, dict)
+
+
+def test_partner_index_follows_a_replaced_sample_list(bench):
+    ds = dataset(bench, expressions_per_clip=2)
+    video = ds.samples[0].video
+    assert len(ds.video_expressions(video)) == len(meta(bench)[video]["expressions"])
+    ds.samples = [s for s in ds.samples if s.video != video]  # what ytvos_proxy.hold_out does
+    assert ds.video_expressions(video) == []
