@@ -311,16 +311,8 @@ def load_config(path: str | Path = "params.yaml", overrides: dict | None = None,
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if overrides and "overlay" in overrides:
         raw["overlay"] = overrides["overlay"]
-    overlay = raw.pop("overlay", None)
-    if overlay:
-        overlay_path = Path(overlay) if Path(overlay).is_absolute() else path.parent / overlay
-        try:
-            extra = yaml.safe_load(overlay_path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: overlay: cannot read {overlay_path} ({err})") from err
-        if not isinstance(extra, dict) or "overlay" in extra:
-            raise ConfigError(f"{overlay_path}: expected a mapping of sections without its own overlay")
-        raw = _deep_merge(raw, extra)
+    for overlay_path in _overlay_paths(path, raw.pop("overlay", None)):
+        raw = _deep_merge(raw, _read_overlay(path, overlay_path))
     for key, value in (overrides or {}).items():
         if key == "overlay":
             continue
@@ -330,6 +322,26 @@ def load_config(path: str | Path = "params.yaml", overrides: dict | None = None,
         return from_dict(cls, raw).validate()
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _overlay_paths(path: Path, overlay) -> list[Path]:
+    """`overlay`: null, one file or a list of files (applied in order; later files win), relative to `path`."""
+    if overlay is None:
+        return []
+    names = [overlay] if isinstance(overlay, str) else overlay
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{path}: overlay: expected null, a file name or a list of file names, got {overlay!r}")
+    return [Path(n) if Path(n).is_absolute() else path.parent / n for n in names]
+
+
+def _read_overlay(path: Path, overlay_path: Path) -> dict:
+    try:
+        extra = yaml.safe_load(overlay_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: overlay: cannot read {overlay_path} ({err})") from err
+    if not isinstance(extra, dict) or "overlay" in extra:
+        raise ConfigError(f"{overlay_path}: expected a mapping of sections without its own overlay")
+    return extra
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

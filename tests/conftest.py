@@ -1,22 +1,36 @@
-"""Shared test helpers: paths to the reference material and a tiny model configuration."""
+"""Shared test helpers: the golden folder, a guard against reading outside the repository's reference
+material, and a tiny model configuration."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BIFIT_SHARED", REPO.parent / "shared"))
+GOLDEN = REPO / "tests" / "golden"  # reference inputs and outputs of the official code (tests/golden/README.md)
+# The developers' reference folder beside the checkout: a user's clone has none, so no test may read it.
+_OUTSIDE_REFERENCE = os.path.join(str(REPO.parent), "shared") + os.sep
+
+
+def _refuse_outside_reference(event: str, args: tuple) -> None:
+    if event != "open" or not args or isinstance(args[0], int):
+        return
+    path = os.path.abspath(os.fsdecode(args[0]))
+    if path.startswith(_OUTSIDE_REFERENCE):
+        raise PermissionError(f"{path}: tests must not read the folder beside the checkout (a user's clone has "
+                              f"none); copy what they need into tests/golden/")
+
+
+sys.addaudithook(_refuse_outside_reference)
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED / "golden").is_dir():
-        pytest.fail(f"reference material not found at {SHARED} (set BIFIT_SHARED to the shared/ folder)")
-    return SHARED
+def golden_dir() -> Path:
+    return GOLDEN
 
 
 def tiny_text_config(hidden: int = 48) -> dict:

@@ -1,6 +1,6 @@
 import pytest
 
-from bifit.config import Config, ConfigError, flatten, load_config, to_dict
+from bifit.config import ConfigError, flatten, load_config, to_dict
 from tests.conftest import REPO
 
 
@@ -43,10 +43,14 @@ def test_invalid_values_name_the_file_and_key(tmp_path, text, message):
     assert str(path) in str(err.value) and message in str(err.value)
 
 
-def test_ints_accepted_for_floats_and_flatten():
-    cfg = Config()
+def test_ints_accepted_for_floats_and_flatten(tmp_path):
+    cfg = load_config(_write(tmp_path, "train:\n  lr: 1\n  clip_max_norm: 2\nmodel:\n  dropout: 0\n"))
+    assert type(cfg.train.lr) is float and cfg.train.lr == 1.0
+    assert type(cfg.train.clip_max_norm) is float and type(cfg.model.dropout) is float
     flat = flatten(to_dict(cfg))
-    assert flat["model.hidden_dim"] == 256 and flat["train.lr"] == 5e-5
+    assert flat["train.lr"] == 1.0 and flat["model.dropout"] == 0.0
+    assert flat["model.hidden_dim"] == cfg.model.hidden_dim and "model" not in flat
+    assert not any(isinstance(v, dict) for v in flat.values())
 
 
 def test_not_a_mapping(tmp_path):

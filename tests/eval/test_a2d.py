@@ -189,8 +189,8 @@ def test_input_errors_name_the_sample():
 
 
 @pytest.mark.parametrize("backend", ["fast", "pycocotools"])
-def test_golden(shared_dir, backend):
-    with np.load(shared_dir / "golden" / "a2d_metrics_public.npz", allow_pickle=False) as z:
+def test_golden(golden_dir, backend):
+    with np.load(golden_dir / "a2d_metrics_public.npz", allow_pickle=False) as z:
         d = {k: z[k] for k in z.files}
     n = int(d["num_samples"])
     keys = [f"s{i:03d}" for i in range(n)]

@@ -353,8 +353,8 @@ def test_ref_davis_averages_annotator_tables():
 
 
 @pytest.fixture(scope="module")
-def golden(shared_dir):
-    with np.load(shared_dir / "golden" / "davis_metrics_public.npz", allow_pickle=False) as z:
+def golden(golden_dir):
+    with np.load(golden_dir / "davis_metrics_public.npz", allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 

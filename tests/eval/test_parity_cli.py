@@ -23,8 +23,8 @@ def load(path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def goldens(shared_dir):
-    return shared_dir / "golden" / "davis_metrics_public.npz", shared_dir / "golden" / "a2d_metrics_public.npz"
+def goldens(golden_dir):
+    return golden_dir / "davis_metrics_public.npz", golden_dir / "a2d_metrics_public.npz"
 
 
 def test_cli_passes_on_public_goldens(goldens):

@@ -103,7 +103,20 @@ def test_frozen_text_encoder_and_backbone_freezing_rules():
     assert body["layer2.0.conv1.weight"].requires_grad
     frozen = tiny_model(train_backbone=False)
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
-    assert tiny_model_config().aux_loss
+
+
+def test_aux_loss_switch_decides_whether_earlier_decoder_layers_count():
+    model = tiny_model(dec_layers=3).eval()
+    images, mask, ids, attn, sizes, targets = tiny_batch(b=1, t=2)
+    with torch.no_grad():
+        out = model(images, mask, ids, attn, sizes)
+    on = build_criterion(Config(model=tiny_model_config(dec_layers=3, aux_loss=True)))
+    off = build_criterion(Config(model=tiny_model_config(dec_layers=3, aux_loss=False)))
+    losses = on(out, targets)
+    final_layer = {k: v for k, v in losses.items() if not k[-1].isdigit()}
+    assert len(losses) == 3 * len(final_layer)  # the last layer and two earlier ones
+    torch.testing.assert_close(off.weighted_total(losses), on.weighted_total(final_layer))
+    assert on.weighted_total(losses) > off.weighted_total(losses) > 0
 
 
 def test_sentence_source_text_mean_pools_the_unpadded_tokens():

@@ -10,8 +10,8 @@ from tests.conftest import REPO
 MANIFEST_SHA = "31d1bd9885a2826d2e17f53e54481ca71bf82cf476c4f6b95319a01ff9772414"
 
 
-def test_recipe_check_value_over_official_manifest(shared_dir):
-    rows = [line.split("\t") for line in (shared_dir / "spec/official_state_dict.tsv").read_text().splitlines()[1:]]
+def test_recipe_check_value_over_official_manifest(golden_dir):
+    rows = [line.split("\t") for line in (golden_dir / "official_state_dict.tsv").read_text().splitlines()[1:]]
     shapes = {key: tuple(int(s) for s in shape.split(",")) for key, shape, _ in rows}
     assert len(shapes) == 822
     assert state_dict_sha256(recipe_state_dict(shapes)) == MANIFEST_SHA
@@ -34,24 +34,24 @@ def _run_parity(path):
                           text=True, timeout=600)
 
 
-def test_parity_cli_passes_on_public_goldens(shared_dir):
-    res = _run_parity(shared_dir / "golden/official_public.pt")
+def test_parity_cli_passes_on_public_goldens(golden_dir):
+    res = _run_parity(golden_dir / "official_public_slim.pt")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "f64 pred_masks" in res.stdout and "loss total_weighted" in res.stdout
-    res = _run_parity(shared_dir / "golden/ms_deform_attn_public.pt")
+    res = _run_parity(golden_dir / "ms_deform_attn_public.pt")
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_parity_cli_fails_on_a_perturbed_golden(shared_dir, tmp_path):
-    golden = torch.load(shared_dir / "golden/ms_deform_attn_public.pt", weights_only=True)
+def test_parity_cli_fails_on_a_perturbed_golden(golden_dir, tmp_path):
+    golden = torch.load(golden_dir / "ms_deform_attn_public.pt", weights_only=True)
     golden["grads"]["sampling_locations"][0, 0, 0, 0, 0, 0] += 1e-6
     torch.save(golden, tmp_path / "bad.pt")
     res = _run_parity(tmp_path / "bad.pt")
     assert res.returncode == 1 and "FAIL" in res.stdout
 
 
-def test_parity_cli_fails_on_a_perturbed_model_output(shared_dir, tmp_path):
-    golden = torch.load(shared_dir / "golden/official_public.pt", weights_only=True)
+def test_parity_cli_fails_on_a_perturbed_model_output(golden_dir, tmp_path):
+    golden = torch.load(golden_dir / "official_public_slim.pt", weights_only=True)
     golden["cases"]["public"]["outputs"]["pred_logits"][0, 0, 0, 0] += 1e-3
     torch.save(golden, tmp_path / "bad_model.pt")
     res = _run_parity(tmp_path / "bad_model.pt")

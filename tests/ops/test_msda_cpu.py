@@ -38,11 +38,11 @@ def test_matches_reference(cpu_kernels, name, dtype):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "pytorch"])
-def test_public_golden(shared_dir, backend, backend_state, request, monkeypatch):
+def test_public_golden(golden_dir, backend, backend_state, request, monkeypatch):
     monkeypatch.delenv("BIFIT_MSDA_BACKEND", raising=False)
     if backend == "cpu":
         request.getfixturevalue("cpu_kernels")
-    golden = torch.load(shared_dir / "golden" / "ms_deform_attn_public.pt", weights_only=True)
+    golden = torch.load(golden_dir / "ms_deform_attn_public.pt", weights_only=True)
     inp = golden["inputs"]
     backend_state.set_backend(backend)
     assert backend_state.active_backend("cpu") == backend

@@ -63,8 +63,8 @@ def test_half_precision_value(cuda_kernels, dtype, tol):
     torch.testing.assert_close(ours[2].cpu().double(), ref[2], rtol=tol, atol=tol * scale)
 
 
-def test_public_golden_on_gpu(shared_dir, cuda_kernels):
-    golden = torch.load(shared_dir / "golden" / "ms_deform_attn_public.pt", weights_only=True)
+def test_public_golden_on_gpu(golden_dir, cuda_kernels):
+    golden = torch.load(golden_dir / "ms_deform_attn_public.pt", weights_only=True)
     inp = golden["inputs"]
     case = tuple(inp[k].cuda() for k in ("value", "spatial_shapes", "level_start_index", "sampling_locations",
                                          "attention_weights", "grad_output"))

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-
 TOY = {
     "model": dict(backbone="resnet18", text_encoder="{te}", freeze_text_encoder=False, hidden_dim=32, nheads=4,
                   enc_layers=1, dec_layers=2, dim_feedforward=32, mask_dim=32, num_queries=3,
@@ -145,4 +143,4 @@ def test_bad_params_rejected_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match="ray.num_workers"):
         train.main(["--params", str(params)])
     assert not ray.is_initialized()
-    assert REPO.exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ray").exists()  # no run folder was started
