@@ -1,6 +1,7 @@
 # Two entry points for users: `make demo` (the main job: dvc repro on the embedded default)
 # and `make test` (the test suite). Both create the virtual environment first if needed.
-PYTHON ?= python3.11
+# Python 3.11 or 3.12 (pyproject.toml): the first one found, or PYTHON=... to choose
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
