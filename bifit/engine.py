@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bifit.data.collate import tokenize
+from bifit.data.ytvos import REDRAWN_KEY
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,21 @@ def gather_nonfinite(message: str | None, device: torch.device) -> list[str]:
     return [f"rank {r}: {m}" for r, m in enumerate(messages) if m]
 
 
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    """The sum of an integer over all ranks (itself when not distributed); every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def redrawn_in(batch) -> int:
+    """Redraws the loader made for this batch's clips (clips without a valid frame replaced, as the reference
+    does); the count travels in the targets, so DataLoader workers' redraws are included."""
+    return sum(int(t.get(REDRAWN_KEY, 0)) for t in batch.targets)
+
+
 def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, step: int, targets: list[dict],
                  epoch: int = 0) -> None:
     """Raise NonFiniteLossError (step, terms, sample ids) when the total loss is NaN or inf."""
@@ -165,17 +181,19 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, step: int
 def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch: int, clip_max_norm: float = 0.1,
                     max_steps: int | None = None, skip_nonfinite: bool = False, amp: bool = False,
                     on_step: Callable[[int, dict], None] | None = None, global_step: int = 0) -> dict:
-    """One pass over `loader`. Returns averaged loss terms, steps, skipped steps, clips/s and the last step.
+    """One pass over `loader`. Returns averaged loss terms, steps, skipped steps, clips/s, the last step and
+    `redrawn_samples` (the loader's redraws for the batches used, summed over ranks: a collective call).
 
     on_step(global_step, {"loss": ..., "lr/<group>": ..., terms...}) is called after every optimizer step.
     """
     model.train()
-    sums, steps, skipped, clips = defaultdict(float), 0, 0, 0
+    sums, steps, skipped, clips, redrawn = defaultdict(float), 0, 0, 0, 0
     t0 = time.perf_counter()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
     for batch in loader:
         if max_steps is not None and steps + skipped >= max_steps:
             break
+        redrawn += redrawn_in(batch)
         inputs, targets = batch_inputs(batch, tokenizer, device)
         with autocast:
             outputs = model(**inputs)
@@ -207,5 +225,5 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
     elapsed = time.perf_counter() - t0
     out = {k: v / max(steps, 1) for k, v in sums.items()}
     out.update(steps=steps, skipped_steps=skipped, clips_per_s=clips / elapsed if elapsed > 0 else math.nan,
-               seconds=elapsed, global_step=global_step, epoch=epoch)
+               seconds=elapsed, global_step=global_step, epoch=epoch, redrawn_samples=sum_over_ranks(redrawn, device))
     return out

@@ -6,13 +6,17 @@
 root (Ref-YouTube-VOS: the `generate` stage already did; Ref-DAVIS17: the three official zips, then extracted like
 real downloads; A2D/JHMDB: the .h5/.mat/.mp4/.png files and the MTTR JSONs). `source: real` prints exactly which
 files to place where (bifit/data/sources.py), fetches the publicly fetchable ones with `--fetch` (resuming
-partial downloads), extracts the archives that are present (bifit/data/archive.py: refuses absolute paths,
-`..`, links leaving the root, size bombs, and never overwrites a different file) and verifies the layout
-(expected files, counts, line counts; SHA-256 of the files in `datasets.<name>.pins` when set).
+partial downloads), extracts the archives that are present, in the listed order (bifit/data/archive.py: refuses
+absolute paths, `..`, links leaving the root, size bombs, and never overwrites a different file, except a
+documentation file such as `DAVIS/README.md` that an earlier official archive extracted: the later archive's copy
+wins, as with the official `unzip` instructions, with a warning) and verifies the layout (expected files, exact
+counts where the release fixes them and minimums where copies differ, line counts; SHA-256 of the files in
+`datasets.<name>.pins` when set).
 
-Always writes `<datasets.status>/<name>.json` (what was found; deterministic, so an unchanged dataset does not
-invalidate later stages) and `<datasets.status>/<name>.sha256` (the checksums of the metadata files, in the
-sha256sum format `datasets.<name>.pins` accepts). Exits non-zero, listing every problem and the instructions,
+Always writes `<datasets.status>/<name>.json` (what was found and expected, the documentation files an archive
+replaced; deterministic, so an unchanged dataset does not invalidate later stages) and
+`<datasets.status>/<name>.sha256` (the checksums of the metadata files, in the sha256sum format
+`datasets.<name>.pins` accepts). Exits non-zero, listing every problem and the instructions,
 when the data is incomplete. Re-running is cheap: extraction and checksums are recorded and skipped when done.
 """
 
@@ -74,9 +78,12 @@ def write_synthetic(cfg: PipelineConfig, name: str, root: Path, progress: bool =
         summary = generate_ref_davis(syn, root, progress=progress)
         if summary["generated"]:
             _clear_extracted(root)
-        for archive in archive_names():
-            extract(root / archive, root, progress=progress)
-        return summary
+        replaced, order = {}, [root / a for a in archive_names()]
+        for archive in order:  # the official order: the later zip's documentation files win
+            report = extract(archive, root, progress=progress, official_order=order)
+            if report.replaced:
+                replaced[archive.name] = report.replaced
+        return {**summary, "replaced": replaced}
     if name == "a2d":
         from bifit.data.synthetic_a2d import generate_a2d
 
@@ -86,18 +93,26 @@ def write_synthetic(cfg: PipelineConfig, name: str, root: Path, progress: bool =
     return generate_jhmdb(syn, root, progress=progress)
 
 
+def official_order(name: str, root: Path, extract_to: str) -> list[Path]:
+    """The archives of ``name`` extracted into the same folder, in the order of the official instructions."""
+    return [root / f.dest for f in SOURCES[name] if f.extract_to == extract_to]
+
+
 def get_real(name: str, root: Path, fetch_missing: bool, progress: bool = True) -> dict:
     """Fetch (optionally) and extract what is present of the real files of ``name``."""
-    done = {"fetched": [], "extracted": [], "missing": []}
-    for f in SOURCES[name]:
+    done = {"fetched": [], "extracted": [], "missing": [], "replaced": {}}
+    for f in SOURCES[name]:  # the official order: a later archive's documentation files win
         path = root / f.dest
         if not path.exists() and f.url and fetch_missing:
             fetch(f.url, path, progress=progress)
             done["fetched"].append(f.name)
         if f.is_archive:
             if path.is_file():
-                extract(path, root / f.extract_to, progress=progress)
+                report = extract(path, root / f.extract_to, progress=progress,
+                                 official_order=official_order(name, root, f.extract_to))
                 done["extracted"].append(f.name)
+                if report.replaced:
+                    done["replaced"][f.name] = report.replaced
             else:
                 done["missing"].append(f.name)
     return done

@@ -77,6 +77,7 @@ def evaluate(cfg: PipelineConfig, model, tokenizer, out_dir: Path | None, max_ex
     if any(e.obj_id is None for e in expressions):
         raise ValueError(f"{root}/meta_expressions/valid: expressions without obj_id have no local ground truth; "
                          "use the submission zip with the challenge server instead")
+    # the expressions as written in the meta (not normalised), as the official inference tokenises them
     captions = {"": [e.caption for e in expressions], "_shuffled": shuffled_captions(expressions, cfg.train.seed)}
     rows, per_video = [], defaultdict(list)
     by_video = defaultdict(list)

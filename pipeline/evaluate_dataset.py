@@ -10,10 +10,12 @@ The model is `datasets.<name>.checkpoint` (built with the `model` section). Each
   set) J, F, J&F and the shuffled-expression control (keys `jf`, `j`, `f`, `jf_shuffled`, ...); with the real
   data only the predicted masks for the submission zip (the package stage validates and zips them).
 - ytvos_proxy: the held-out training videos of bifit/eval/ytvos_proxy.py (the preprocess stage's list), J&F.
-- davis: Ref-DAVIS17 val, 24-frame clips, the four annotator runs averaged (bifit/eval/ref_davis.py);
-  `anno_<a>/<seq>/<frame>.png` and the toolkit CSVs in the predictions folder.
+- davis: Ref-DAVIS17 val, 24-frame clips, the toolkit's unsupervised protocol (Hungarian matching) per annotator
+  run, the four runs averaged (bifit/eval/ref_davis.py); `anno_<a>/<seq>/<frame>.png` and the toolkit CSVs in the
+  predictions folder. No per-expression score: the unsupervised GT ids are not the expressions' objects.
 - a2d / jhmdb: centred-clip inference and the A2D metrics with both mAP protocols (bifit/eval/a2d_engine.py;
-  `mAP 0.5:0.95` is the paper's all-queries protocol).
+  `mAP 0.5:0.95` is the paper's all-queries protocol). `size_mismatches`: samples whose mask size differs from
+  their frames (the loader resizes the mask to the frames, as the official transforms do).
 
 MLflow: the metrics, prefixed `<name>_`, go to the training run recorded in the checkpoint when the tracking
 store has it, otherwise to a new run `evaluate-<name>` of the `mlflow.experiment`.
@@ -117,6 +119,7 @@ def predict_ytvos_valid(cfg, model, tokenizer, root: Path, pred_dir: Path, plot:
         by_video.setdefault(e.video, []).append(e)
     for video, exps in tqdm(by_video.items(), desc="ytvos valid", unit="video"):
         frames, orig_size = load_video(root, video, exps[0].frames, "valid", short_side=cfg.data.eval_short_side)
+        # raw captions: the submission must use the tokens the official inference feeds
         preds = predict_video(model, tokenizer, frames, [e.caption for e in exps], orig_size,
                               cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions)
         for e, p in zip(exps, preds):
@@ -150,10 +153,24 @@ def eval_davis(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
                                       short_side=cfg.data.eval_short_side, clip_length=cfg.datasets.davis.clip_length,
                                       batch=cfg.eval.batch_expressions, skip_bad_samples=cfg.data.skip_bad_samples)
     write_rows(plot, ["video", "jf"], [[s, f"{v:.6f}"] for s, v in result.per_sequence().items()])
-    write_rows(pred_dir / "per_expression.csv", ["video", "exp_id", "annotator", "obj_id", "j", "f", "jf"],
-               [[r["video"], r["exp_id"], r["annotator"], r["obj_id"], f"{r['j']:.6f}", f"{r['f']:.6f}",
-                 f"{r['jf']:.6f}"] for r in result.expressions])
+    # left by older versions; it scored expressions against unsupervised ids, which name other objects
+    (pred_dir / "per_expression.csv").unlink(missing_ok=True)
     return result.metrics()
+
+
+A2D_LIKE_INDEX = {"a2d": "index_test.json", "jhmdb": "index.json"}  # the evaluated split's preprocess index
+
+
+def count_size_mismatches(root: Path, name: str) -> int:
+    """Evaluated samples whose mask size differs from their frames (sizes recorded by the preprocess stage)."""
+    from bifit.data.a2d import read_index
+    from bifit.data.a2d_preprocess import size_mismatches
+
+    ids = size_mismatches(read_index(root / A2D_LIKE_INDEX[name])["samples"])
+    if ids:
+        log.warning("%s: %d samples have a mask whose size differs from their frames (resized to the frames, as "
+                    "the official transforms do), e.g. %s", name, len(ids), ids[:3])
+    return len(ids)
 
 
 def eval_a2d_like(name: str):
@@ -162,6 +179,7 @@ def eval_a2d_like(name: str):
 
         fn = a2d_engine.evaluate_a2d if name == "a2d" else a2d_engine.evaluate_jhmdb
         metrics = fn(model, tokenizer, prepared_root(cfg, name), cfg, pred_dir)
+        metrics["size_mismatches"] = count_size_mismatches(prepared_root(cfg, name), name)
         write_rows(plot, ["iou_threshold", "precision"],
                    [[k, f"{metrics[f'P@{k}']:.6f}"] for k in (0.5, 0.6, 0.7, 0.8, 0.9)])
         return metrics

@@ -27,6 +27,8 @@ PAPER = {
 TITLES = {"ytvos": "Ref-YouTube-VOS valid", "ytvos_proxy": "Ref-YouTube-VOS local proxy (held-out train videos)",
           "davis": "Ref-DAVIS17 val (4 annotators averaged)", "a2d": "A2D-Sentences test",
           "jhmdb": "JHMDB-Sentences"}
+DAVIS_PROTOCOL_NOTE = ("Ref-DAVIS17: unsupervised protocol (Hungarian matching), mean of 4 annotator runs; "
+                       "no per-expression score")
 ROWS = {  # metric key -> label, in table order
     "ytvos": {"jf": "J&F", "j": "J", "f": "F", "jf_shuffled": "J&F, expressions shuffled (control)"},
     "ytvos_proxy": {"jf": "J&F", "j": "J", "f": "F"},
@@ -72,6 +74,8 @@ def summary_rows(cfg: PipelineConfig) -> tuple[list[list[str]], list[str]]:
             delta = "" if ours is None or paper is None else f"{ours - paper:+.1f}"
             rows.append([TITLES[name], label, _fmt(ours), _fmt(paper) if paper is not None else "",
                          delta, data, ckpt, seconds])
+        if name == "davis":
+            notes.append(DAVIS_PROTOCOL_NOTE)
     return rows, notes
 
 

@@ -188,6 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
         append_event(folder, "resume" if ckpt else "start", epoch=start_epoch, global_step=global_step,
                      checkpoint=ckpt and ckpt["path"], world_size=world)
     skipped_nonfinite = ckpt.get("skipped_nonfinite_batches", 0) if ckpt else 0
+    redrawn = ckpt.get("redrawn_samples", 0) if ckpt else 0  # clips redrawn for lack of a valid frame (run total)
     model = ray.train.torch.prepare_model(model)
 
     dataset = _dataset(cfg, skip_log=folder / SKIP_LOG_FILE)
@@ -233,18 +234,20 @@ def train_loop_per_worker(config: dict) -> None:
         skipped_nonfinite += stats["skipped_steps"]
         metrics["skipped_nonfinite_batches"] = skipped_nonfinite  # run totals, also logged to MLflow
         metrics["skipped_samples"] = len(read_skip_log(folder / SKIP_LOG_FILE))
+        redrawn += stats["redrawn_samples"]  # already summed over ranks and DataLoader workers
+        metrics["redrawn_samples"] = redrawn
         if rank == 0:
             bar.close()
             state = {"format": "bifit-checkpoint-v1", "model": getattr(model, "module", model).state_dict(),
                      "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
                      "metrics": metrics, "mlflow_run_id": config.get("mlflow_run_id"),
-                     "skipped_nonfinite_batches": skipped_nonfinite}
+                     "skipped_nonfinite_batches": skipped_nonfinite, "redrawn_samples": redrawn}
             path = folder / f"epoch_{epoch:04d}.pth"
             atomic_save(state, path)
             if log_metrics:
                 log_metrics(global_step, {"skipped_nonfinite_batches": skipped_nonfinite,
-                                          "skipped_samples": metrics["skipped_samples"]})
+                                          "skipped_samples": metrics["skipped_samples"], "redrawn_samples": redrawn})
                 log_metrics(global_step, {f"epoch_{k}": v for k, v in metrics.items()}, flush=True)
             print(f"[bifit] epoch {epoch + 1}: loss {stats.get('loss', float('nan')):.4f}, "
                   f"{metrics['clips_per_s_total']:.2f} clips/s; checkpoint {path}", flush=True)

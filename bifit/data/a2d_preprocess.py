@@ -7,8 +7,8 @@ Reads ``raw_root`` (the layout of section 4.2) and writes ``out_root``::
 
     index_train.json, index_test.json   {"dataset", "split", "raw_root" (relative to out_root), "samples": [...]};
                                         one sample per entry of the single-frame JSON, with its image_id, video
-                                        file, 1-based frame, instance id, query, mask PNG and (H, W): loaders
-                                        never list folders
+                                        file, 1-based frame, instance id, query, mask PNG, the mask's (H, W) and
+                                        the video's frame_height/frame_width: loaders never list folders
     masks/<video>/<frame:05d>_<instance>.png   the instance's binary mask ("L", 0/255) at the annotation size
     a2d_sentences_test_annotations_in_coco_format.json   COCO GT (segm RLE, bbox from reBBox), rebuilt from .h5
     skipped_samples.json                [{"file", "id", "reason"}], empty unless skip_bad_samples
@@ -18,6 +18,9 @@ The single-frame JSONs released by MTTR are used when present (preferred: they d
 they are regenerated with MTTR's procedure (section 4.3) from videoset.csv, a2d_annotation.txt,
 a2d_missed_videos.txt and the .h5 files, and written to ``out_root``. When the released COCO GT is present it
 is compared with the rebuilt one (same image ids, same RLE masks) and a difference is an error.
+
+A mask whose size differs from the video's frames is kept (the loader resizes it to the frames, as the reference's
+transforms do), warned about and counted in the summary (``<split>_size_mismatches``).
 
 A missing/corrupt ``.h5`` file, a missing dataset in it, an entry whose instance is not in the frame's
 ``instance`` list, or a missing video raises :class:`~bifit.data.ytvos.SampleError` naming the file and the
@@ -176,6 +179,33 @@ def read_h5(path: Path, sample_id: str) -> tuple[list[int], np.ndarray, np.ndarr
     return [int(i) for i in instances], masks.transpose(0, 2, 1) > 0, boxes.reshape(4, n).T
 
 
+def video_frame_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of a video's frames from its header; None when unreadable (the loader reports that video)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            codec = container.streams.video[0].codec_context
+            return int(codec.height), int(codec.width)
+    except (av.error.FFmpegError, OSError, ValueError, IndexError):
+        return None
+
+
+def warn_size_mismatch(mask_source: Path, sample_id: str, mask_hw: tuple[int, int], frame_hw) -> bool:
+    """Warn when a mask and its frames differ in size (both known); True when they do."""
+    if frame_hw is None or tuple(mask_hw) == tuple(frame_hw):
+        return False
+    log.warning("%s: mask is %dx%d (WxH) but the frames are %dx%d; the loader resizes it to the frames [%s]",
+                mask_source, mask_hw[1], mask_hw[0], frame_hw[1], frame_hw[0], sample_id)
+    return True
+
+
+def size_mismatches(samples: list[dict]) -> list[str]:
+    """Image ids of index ``samples`` whose mask size differs from the frame size read by the preprocess stage."""
+    return [s["image_id"] for s in samples if s.get("frame_height") is not None
+            and (s["height"], s["width"]) != (s["frame_height"], s["frame_width"])]
+
+
 def h5_path(raw_root: Path, video: str, frame: int) -> Path:
     return Path(raw_root) / H5_DIR / video / f"{frame:05d}.h5"
 
@@ -286,6 +316,7 @@ def _split_samples(raw_root: Path, out_root: Path, split: str, skips: SkipRecord
     for k, (query, video, frame, instance) in enumerate(entries):
         by_file[(video, frame)].append((k, query, instance))
     samples, coco_records, seen_ids = [None] * len(entries), [None] * len(entries), set()
+    frame_sizes: dict[str, tuple[int, int] | None] = {}
     for (video, frame), group in tqdm(sorted(by_file.items()), desc=f"A2D {split} annotations", unit="file",
                                       disable=not progress):
         path = h5_path(raw_root, video, frame)
@@ -294,6 +325,8 @@ def _split_samples(raw_root: Path, out_root: Path, split: str, skips: SkipRecord
             if not (raw_root / video_file).is_file():
                 raise SampleError(raw_root / video_file, f"video {video}", "missing video file")
             instances, masks, boxes = read_h5(path, f"video {video} frame {frame}")
+            if video not in frame_sizes:
+                frame_sizes[video] = video_frame_size(raw_root / video_file)
         except SampleError as err:
             for _, _, instance in group:
                 skips.add(SampleError(err.file, image_id(video, frame, instance), err.reason))
@@ -308,10 +341,13 @@ def _split_samples(raw_root: Path, out_root: Path, split: str, skips: SkipRecord
             mask_rel = Path("masks") / video / f"{frame:05d}_{instance}.png"
             if not (out_root / mask_rel).is_file():
                 write_mask_png(out_root / mask_rel, masks[j])
+            frame_hw = frame_sizes[video] or (None, None)
             samples[k] = {"image_id": iid, "video": video, "frame_idx": frame, "instance_id": instance,
                           "query": query, "video_file": str(video_file), "mask": str(mask_rel),
                           "height": int(masks[j].shape[0]), "width": int(masks[j].shape[1]),
+                          "frame_height": frame_hw[0], "frame_width": frame_hw[1],
                           "empty": not bool(masks[j].any())}
+            warn_size_mismatch(path, iid, masks[j].shape, frame_sizes[video])
             if split == "test":
                 if iid in seen_ids:
                     raise ValueError(f"{released if source == 'released' else raw_root / ANNOTATION_TXT}: image id "
@@ -345,6 +381,7 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
             summary[f"{split}_samples"] = len(samples)
             summary[f"{split}_single_frame_json"] = source
             summary[f"{split}_empty_masks"] = sum(s["empty"] for s in samples)
+            summary[f"{split}_size_mismatches"] = len(size_mismatches(samples))
             if dropped:
                 summary["dropped_annotation_rows"] = dropped
         coco = coco_gt_dataset(coco_records)

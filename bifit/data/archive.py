@@ -14,16 +14,26 @@ Every member is checked before anything is written, and the whole archive is ref
 
 Writing never overwrites silently: an existing file with the same bytes is left alone (so a second run is a no-op
 and an interrupted run resumes where it stopped), an existing file with other bytes is an error naming it (pass
-``overwrite=True`` to replace it). Each file is written to a temporary name and renamed into place, so a crash
-never leaves a truncated file under its final name; every write goes through the resolved real path of its folder,
-which must stay inside the target (no writing through links, old or new). After a complete extraction a small
-record (archive size and mtime) is kept under ``<target>/.extracted/`` and later calls return at once.
+``overwrite=True`` to replace it). The one exception follows ``unzip``, which the official instructions use (the
+two Ref-DAVIS17 zips both carry such files): a documentation file (README, SOURCES, LICENSE, ... by name) holding
+exactly the copy another archive has of it is replaced by this archive's regular file, with a warning naming both
+archives and the path (``ExtractReport.replaced``). The other archive is known from its extraction record (which
+keeps the SHA-256 of its documentation files) or, when ``official_order`` lists the archives extracted into the
+target, by reading its member. When that other archive comes later in ``official_order`` the file is left as it
+is (``ExtractReport.kept``), so extracting in any order, or after a plain ``unzip`` by hand, ends as the official
+order does. Data files, edited files, folders, links and anything reached through a link are never replaced.
+
+Each file is written to a temporary name and renamed into place, so a crash never leaves a truncated file under its
+final name; every write goes through the resolved real path of its folder, which must stay inside the target (no
+writing through links, old or new). After a complete extraction a small record (archive size and mtime, and the
+SHA-256 of its documentation files) is kept under ``<target>/.extracted/`` and later calls return at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import tarfile
@@ -36,6 +46,12 @@ from tqdm import tqdm
 
 RECORD_DIR = ".extracted"
 _CHUNK = 1 << 20
+# file names (before the first dot, any case) of documentation that official archives may share
+DOC_NAMES = ("README", "SOURCES", "LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS", "CHANGELOG", "CHANGES",
+             "CITATION")
+DOC_MAX_BYTES = 16 << 20  # a larger "README" of another archive is not read to compare it (size bomb)
+
+log = logging.getLogger(__name__)
 
 
 class ArchiveError(ValueError):
@@ -78,6 +94,8 @@ class ExtractReport:
     links: int = 0
     bytes_written: int = 0
     skipped_complete: bool = False  # the record of an earlier complete extraction matched
+    replaced: list[str] = field(default_factory=list)  # documentation files another archive had extracted
+    kept: list[str] = field(default_factory=list)  # documentation files left as a later official archive has them
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -229,6 +247,66 @@ def _same_bytes(path: Path, chunks: Iterator[bytes]) -> bool:
         return fh.read(1) == b""
 
 
+def is_documentation(name: str) -> bool:
+    """A documentation file by name (``DAVIS/README.md``, ``LICENSE``): never data the loaders read."""
+    return PurePosixPath(name).name.split(".")[0].upper() in DOC_NAMES
+
+
+class _SharedDocs:
+    """Which other archive a documentation file of the target is a copy of, by content: the records of the
+    archives extracted there (name -> {sha256: archive name}), then the members of ``official_order``."""
+
+    def __init__(self, target: Path, archive: Path, official_order):
+        names = [Path(a).name for a in official_order]
+        self.later = set(names[names.index(archive.name) + 1:]) if archive.name in names else set()
+        self.siblings = [Path(a) for a in official_order if Path(a).name != archive.name]
+        self.recorded: dict[str, dict[str, str]] = {}
+        for record in sorted((target / RECORD_DIR).glob("*.json")):
+            if record.name == f"{archive.name}.json":
+                continue  # this archive's own files are never replaced (a changed archive is an error)
+            for name, digest in _read_record(record).get("documentation", {}).items():
+                self.recorded.setdefault(name, {})[digest] = record.name[: -len(".json")]
+
+    def owner(self, name: str, path: Path) -> str | None:
+        """The other archive whose copy of documentation file ``name`` ``path`` holds, else None."""
+        if not is_documentation(name):
+            return None
+        digest = sha256_file(path)
+        found = self.recorded.get(name, {}).get(digest)
+        return found or next((a.name for a in self.siblings if _member_digest(a, name) == digest), None)
+
+
+def _digest(chunks: Iterator[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _member_digest(archive: Path, name: str) -> str | None:
+    """SHA-256 of the regular-file member ``name`` of ``archive``; None when absent or unreadable."""
+    try:
+        member = next((m for m in list_members(archive) if m.name == name and m.kind == "file"), None)
+        if member is None or member.size > DOC_MAX_BYTES:
+            return None
+        if archive_kind(archive) == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                return _digest(_zip_chunks(zf, member))
+        with tarfile.open(archive, "r:*") as tf:
+            return _digest(_tar_chunks(tf, member))
+    except (ArchiveError, OSError, zipfile.BadZipFile, tarfile.TarError):
+        return None  # an unreadable archive is no evidence: the file is refused as before
+
+
+def _read_record(record: Path) -> dict:
+    """An extraction record, or {} when it is unreadable (then the archive is simply extracted again)."""
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _real_parent(archive: Path, target_real: Path, dest: Path, name: str) -> Path:
     """Create ``dest``'s folder one level at a time and return it resolved. Every level must resolve inside the
     target, so nothing is created or written through a link that leads out (an old one in the target too)."""
@@ -248,12 +326,17 @@ def _real_parent(archive: Path, target_real: Path, dest: Path, name: str) -> Pat
 
 
 class _Writer:
-    def __init__(self, archive: Path, target: Path, limits: ExtractLimits, overwrite: bool, report: ExtractReport):
+    def __init__(self, archive: Path, target: Path, limits: ExtractLimits, overwrite: bool, report: ExtractReport,
+                 official_order=()):
         self.archive, self.limits, self.overwrite, self.report = archive, limits, overwrite, report
         self.target_real = target.resolve()
         self.target = target
+        self.shared = _SharedDocs(target, archive, official_order)
+        self.docs: dict[str, str] = {}  # this archive's documentation files -> SHA-256 (for its record)
 
     def file(self, m: Member, read_chunks) -> None:
+        if is_documentation(m.name):
+            self.docs[m.name] = _digest(read_chunks())
         dest = self.target / m.name
         parent = _real_parent(self.archive, self.target_real, dest, m.name)
         final = parent / dest.name
@@ -263,9 +346,8 @@ class _Writer:
             if final.stat().st_size == m.size and _same_bytes(final, read_chunks()):
                 self.report.files_identical += 1
                 return
-            if not self.overwrite:
-                raise ArchiveError(self.archive, m.name, f"{final} exists with different content; refusing to "
-                                                         "overwrite it (move it away or pass overwrite=True)")
+            if not self._replaces(m, final):
+                return
         tmp = parent / f".{dest.name}.partial-{os.getpid()}"
         written = 0
         try:
@@ -285,6 +367,25 @@ class _Writer:
             tmp.unlink(missing_ok=True)
         self.report.files_written += 1
         self.report.bytes_written += written
+
+    def _replaces(self, m: Member, final: Path) -> bool:
+        """Whether to replace ``final`` (a regular file with other bytes); False keeps it; raises when refused."""
+        if self.overwrite:
+            return True
+        owner = self.shared.owner(m.name, final)
+        if owner is None:
+            raise ArchiveError(self.archive, m.name, f"{final} exists with different content; refusing to "
+                                                     "overwrite it (move it away or pass overwrite=True; only an "
+                                                     "unchanged documentation file of another archive is replaced)")
+        if owner in self.shared.later:
+            log.info("%s: keeping %s as %s has it (that archive comes later in the official order)",
+                     self.archive, final, owner)
+            self.report.kept.append(m.name)
+            return False
+        log.warning("%s: replacing %s, extracted earlier from %s, with this archive's copy (as unzip does)",
+                    self.archive, final, owner)
+        self.report.replaced.append(m.name)
+        return True
 
     def directory(self, m: Member) -> None:
         _real_parent(self.archive, self.target_real, self.target / m.name / "x", f"{m.name}/x")
@@ -311,25 +412,26 @@ class _Writer:
 
 
 def extract(archive, target, *, limits: ExtractLimits | None = None, overwrite: bool = False,
-            progress: bool = True) -> ExtractReport:
-    """Check every member of ``archive`` and extract it below ``target`` (module docstring: rules)."""
+            progress: bool = True, official_order=()) -> ExtractReport:
+    """Check every member of ``archive`` and extract it below ``target`` (module docstring: rules).
+    ``official_order``: the archives extracted into ``target`` (this one included), in the order of the official
+    instructions; it decides which copy of a shared documentation file is kept."""
     archive, target = Path(archive), Path(target)
     limits = limits or ExtractLimits()
     if not archive.is_file():
         raise ArchiveError(archive, None, "archive file not found")
     report = ExtractReport(str(archive), str(target))
     record = _record_path(target, archive)
-    if record.is_file():
-        try:
-            if json.loads(record.read_text()).get("fingerprint") == _fingerprint(archive):
-                report.skipped_complete = True
-                return report
-        except (OSError, json.JSONDecodeError):
-            pass
+    done = _read_record(record) if record.is_file() else {}
+    if done.get("fingerprint") == _fingerprint(archive):
+        report.skipped_complete = True
+        for key in ("replaced", "kept"):  # what the complete extraction did: the status stays the same
+            setattr(report, key, list(done.get("report", {}).get(key, [])))
+        return report
     members = list_members(archive)
     check_members(archive, members, limits)
     target.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(archive, target, limits, overwrite, report)
+    writer = _Writer(archive, target, limits, overwrite, report, official_order)
     total = sum(m.size for m in members)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {archive.name}", disable=not progress)
     if archive_kind(archive) == "zip":
@@ -340,7 +442,8 @@ def extract(archive, target, *, limits: ExtractLimits | None = None, overwrite: 
             _write_all(members, writer, bar, lambda m: _tar_chunks(tf, m))
     bar.close()
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"fingerprint": _fingerprint(archive), "report": report.as_dict()}, indent=1))
+    record.write_text(json.dumps({"fingerprint": _fingerprint(archive), "report": report.as_dict(),
+                                  "documentation": writer.docs}, indent=1))
     return report
 
 

@@ -63,8 +63,11 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict | list[dict]]]) -> Video
 
 
 def tokenize(tokenizer, captions: Sequence[str], max_length: int | None = None):
-    """Normalise and tokenise captions, padded to the longest one.
+    """Tokenise captions exactly as given, padded to the longest one.
 
+    Normalising is the caller's choice: the training loaders (and A2D/JHMDB) give :func:`normalize_text` output,
+    Ref-YouTube-VOS and Ref-DAVIS17 inference give the expression as written in the metadata, as the official
+    inference does (the released checkpoints were evaluated on those tokens).
     Returns ``(input_ids [B, L] long, attention_mask [B, L] long)`` with the HuggingFace convention (1 on tokens,
     0 on padding); the model's text padding mask (True on padding) is ``attention_mask == 0``. Captions longer
     than ``max_length`` (default: the tokenizer's ``model_max_length`` when it is a real limit) are truncated.
@@ -72,7 +75,7 @@ def tokenize(tokenizer, captions: Sequence[str], max_length: int | None = None):
     if max_length is None and getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 100_000:
         max_length = int(tokenizer.model_max_length)
     enc = tokenizer(
-        [normalize_text(c) for c in captions],
+        list(captions),
         padding="longest",
         truncation=max_length is not None,
         max_length=max_length,

@@ -3,9 +3,10 @@
 Evaluation (what BIFIT does with Ref-DAVIS17: the Ref-YouTube-VOS model, zero-shot, on the 30 val sequences):
 :func:`ref_davis_videos` lists the val sequences in ``ImageSets/2017/val.txt`` order from ``index.json`` (no folder
 is listed), each with its frames and, per object k, the four expressions 4k + a (a = annotator column 0..3, which
-becomes the ``anno_<a>`` run of the evaluation). :func:`load_frames` gives the whole sequence resized with
-torchvision ``Resize(short_side)`` semantics, :func:`load_gt_labels` the unsupervised GT label maps (0 background,
-k object k, 255 void).
+becomes the ``anno_<a>`` run of the evaluation), kept as written in the meta (capitals and spacing): the
+official inference feeds them to the tokenizer unchanged. :func:`load_frames` gives the whole sequence resized
+with torchvision ``Resize(short_side)`` semantics, :func:`load_gt_labels` the unsupervised GT label maps
+(0 background, k object k, 255 void).
 
 Training (not used by the paper, provided because the reference has it): :class:`RefDavisDataset` is the
 Ref-YouTube-VOS training dataset over ``train/`` with the DAVIS clip sampling: the neighbour step of section 1.7 is
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bifit.data.collate import normalize_text
 from bifit.data.davis_convert import INDEX_NAME, NUM_ANNOTATORS
 from bifit.data.ytvos import YTVOSDataset, load_id_map, load_video, read_videos
 
@@ -41,7 +41,7 @@ class RefDavisVideo:
     name: str
     frames: tuple[str, ...]
     size: tuple[int, int]  # (H, W) of the frames
-    captions: tuple[tuple[str, ...], ...]  # [object k][annotator a], normalised (section 1.2)
+    captions: tuple[tuple[str, ...], ...]  # [object k][annotator a], as written (the official inference keeps it)
     obj_ids: tuple[tuple[str, ...], ...]  # [object k][annotator a]
     exp_ids: tuple[tuple[str, ...], ...]  # [object k][annotator a] = str(4k + a)
 
@@ -63,6 +63,15 @@ def read_index(prepared_root) -> dict:
     return index
 
 
+def expression_text(meta_path: Path, seq: str, exp_id: str, entry) -> str:
+    """The 'exp' of one meta entry as written; an entry without words is refused (it would be an empty query)."""
+    text = entry.get("exp") if isinstance(entry, dict) else None
+    if not isinstance(text, str) or not text.split():
+        raise ValueError(f"{meta_path}: sequence {seq!r} exp_id {exp_id}: expected a non-empty 'exp' string, "
+                         f"got {text!r}")
+    return text
+
+
 def ref_davis_videos(prepared_root, split: str = "valid") -> list[RefDavisVideo]:
     """The sequences of ``split`` ("valid" = DAVIS val, "train") in ImageSets order, with their expressions."""
     root = Path(prepared_root)
@@ -82,7 +91,7 @@ def ref_davis_videos(prepared_root, split: str = "valid") -> list[RefDavisVideo]
             missing = [i for i in ids if i not in exps]
             if missing:
                 raise KeyError(f"{meta_path}: sequence {seq!r} lacks exp_id(s) {missing} of object {k}")
-            captions.append(tuple(normalize_text(exps[i]["exp"]) for i in ids))
+            captions.append(tuple(expression_text(meta_path, seq, i, exps[i]) for i in ids))
             obj_ids.append(tuple(str(exps[i]["obj_id"]) for i in ids))
             exp_ids.append(ids)
         entry = index["sequences"][seq]

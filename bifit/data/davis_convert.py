@@ -16,6 +16,8 @@ and can be used by the evaluator as it is. ``out_root`` receives (replaced atomi
 
 Rules of the reference converter, reproduced exactly:
 
+- lines end at LF, CR LF or CR (Python's text-mode reading), never at the other characters that
+  ``str.splitlines`` breaks on (U+0085, which is byte 0x85 in the latin-1 files, U+2028, U+001C, ...);
 - text lines are ``<video> <obj_id> "<sentence>"``: the first two whitespace tokens, then the rest joined with
   single spaces minus its first and last characters (the quotes); annotator 1 files are UTF-8, annotator 2 files
   latin-1; ``clasic-car``, ``dog-scale``, ``motor-bike`` are renamed ``classic-car``, ``dogs-scale``, ``motorbike``;
@@ -71,13 +73,18 @@ class TextEntry:
 
 def parse_annotation_line(line: str, path, number: int) -> TextEntry | None:
     """One line of a Davis17_annot*.txt file (None for a blank line)."""
-    tokens = line.split()
+    tokens = line.split()  # as the reference: U+0085 inside a sentence is whitespace here and becomes a space
     if not tokens:
         return None
     if len(tokens) < 3:
         raise ConversionError(f"{path}:{number}: expected '<video> <obj_id> \"<sentence>\"', got {line.strip()!r}")
     video = RENAMES.get(tokens[0], tokens[0])
     return TextEntry(video, tokens[1], " ".join(tokens[2:])[1:-1])
+
+
+def annotation_lines(text: str) -> list[str]:
+    """Lines as the reference's text-mode ``readlines`` gives them: split at newlines only, not at U+0085 etc."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def read_annotation_file(path, encoding: str) -> dict[str, list[TextEntry]]:
@@ -91,7 +98,7 @@ def read_annotation_file(path, encoding: str) -> dict[str, list[TextEntry]]:
     except UnicodeDecodeError as err:
         raise ConversionError(f"{path}: not valid {encoding} ({err})") from err
     by_video: dict[str, list[TextEntry]] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(annotation_lines(text), 1):
         entry = parse_annotation_line(line, path, number)
         if entry is not None:
             by_video.setdefault(entry.video, []).append(entry)

@@ -13,6 +13,9 @@ folder, pitfall 2). Writes ``out_root``::
     jhmdb_sentences_gt_annotations_in_coco_format.json   COCO GT rebuilt from the .mat files (no bbox)
     skipped_samples.json, summary.json
 
+A mask whose size differs from the chosen frame's is kept (the loader resizes it to the frames, as the reference's
+transforms do), warned about and counted in the summary (``test_size_mismatches``); the index records both sizes.
+
 A missing or unreadable ``.mat``, a missing ``part_mask`` key, a chosen frame without a mask (beyond T_mask) or
 beyond the frames on disk raises :class:`~bifit.data.ytvos.SampleError` naming the file and the image id; with
 ``skip_bad_samples`` the sample is left out and recorded. The released COCO GT, when present, must match.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
+from PIL import Image
 from tqdm import tqdm
 
 from bifit.data.a2d_preprocess import (
@@ -36,6 +40,8 @@ from bifit.data.a2d_preprocess import (
     SkipRecorder,
     coco_gt_dataset,
     compare_coco_gt,
+    size_mismatches,
+    warn_size_mismatch,
     write_mask_png,
 )
 from bifit.data.fsutil import replace_dir
@@ -104,6 +110,15 @@ def read_puppet_mask(path: Path, sample_id: str) -> np.ndarray:
     return np.moveaxis(masks, -1, 0) > 0
 
 
+def frame_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of a frame PNG from its header; None when unreadable (the loader reports that frame)."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
 def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: bool = True) -> dict:
     """Prepare JHMDB-Sentences from ``raw_root`` into ``out_root`` (replaced atomically). Returns the summary."""
     raw_root, out_root = Path(raw_root).resolve(), Path(out_root)
@@ -152,10 +167,13 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
                 mask = masks[frame - 1]
                 mask_rel = Path("masks") / video / f"{frame:05d}.png"
                 write_mask_png(tmp / mask_rel, mask)
+                frame_hw = frame_size(frame_path)
                 samples[k] = {"image_id": iid, "video": video, "frame_idx": frame,
                               "frame_dir": str(frame_path.parent.relative_to(raw_root)), "total_frames": total,
                               "query": query, "mask": str(mask_rel), "height": int(mask.shape[0]),
-                              "width": int(mask.shape[1]), "empty": not bool(mask.any())}
+                              "width": int(mask.shape[1]), "frame_height": frame_hw and frame_hw[0],
+                              "frame_width": frame_hw and frame_hw[1], "empty": not bool(mask.any())}
+                warn_size_mismatch(mat_path, iid, mask.shape, frame_hw)
                 records[k] = {"image_id": iid, "mask": mask, "bbox": None}
         keep = [k for k in range(len(entries)) if samples[k] is not None]
         index = {"dataset": "jhmdb_sentences", "split": "test",
@@ -167,6 +185,7 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
         summary = {"dataset": "jhmdb_sentences", "raw_root": str(raw_root), "test_samples": len(keep),
                    "videos": len({samples[k]["video"] for k in keep}),
                    "test_empty_masks": sum(samples[k]["empty"] for k in keep),
+                   "test_size_mismatches": len(size_mismatches([samples[k] for k in keep])),
                    "released_coco_gt_checked": (compare_coco_gt(released_gt, coco, {r["id"] for r in skips.records})
                                                 if released_gt.is_file() else 0),
                    "skipped": len(skips.records), "seconds": round(time.perf_counter() - start, 3)}

@@ -38,8 +38,10 @@ class Expect:
 
     kind "file": exists; optional ``size`` (bytes), ``sha256``, ``lines`` (number of non-empty lines).
     kind "dir": exists; optional ``count`` / ``min_count`` of direct entries matching ``pattern``
-    (``entries`` "dirs", "files" or "any").
-    ``source`` says where the file comes from (shown with a problem).
+    (``entries`` "dirs", "files" or "any"). ``count`` is for numbers the release fixes, ``min_count`` for those
+    that legitimately vary between copies of it.
+    ``source`` says where the file comes from (shown with a problem); ``if_missing`` is the instruction added
+    when the path is absent (``{path}`` is replaced by its full path).
     """
 
     path: str
@@ -52,12 +54,24 @@ class Expect:
     pattern: str = "*"
     entries: str = "any"
     source: str = ""
+    if_missing: str = ""
 
     def __post_init__(self):
         if self.kind not in ("file", "dir"):
             raise ValueError(f"Expect.kind: expected 'file' or 'dir', got {self.kind!r} ({self.path})")
         if self.entries not in ("dirs", "files", "any"):
             raise ValueError(f"Expect.entries: expected 'dirs', 'files' or 'any', got {self.entries!r}")
+
+    def expected(self) -> dict:
+        """What is checked besides existence, e.g. ``{"min_count": 202}`` (for the status report)."""
+        fields = {"size": self.size, "sha256": self.sha256, "lines": self.lines, "count": self.count,
+                  "min_count": self.min_count}
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def missing(self, path: Path, what: str) -> str:
+        """The problem line for an absent path, with the instruction when there is one."""
+        line = f"{path}: missing {what}" + (f" (from {self.source})" if self.source else "")
+        return line + (f"; {self.if_missing.replace('{path}', str(path))}" if self.if_missing else "")
 
 
 @dataclass
@@ -74,7 +88,7 @@ class VerifyReport:
     name: str
     root: str
     problems: list[str]
-    checked: dict[str, dict]  # path -> what was found (size, sha256, lines, count)
+    checked: dict[str, dict]  # path -> what was found (size, sha256, lines, count) and the "expected" checks
 
     @property
     def ok(self) -> bool:
@@ -145,12 +159,13 @@ def verify(manifest: Manifest, root) -> VerifyReport:
     for e in manifest.items:
         path = root / e.path
         hint = f" (from {e.source})" if e.source else ""
+        expected = {"expected": e.expected()} if e.expected() else {}
         if e.kind == "dir":
             if not path.is_dir():
-                problems.append(f"{path}: missing folder{hint}")
+                problems.append(e.missing(path, "folder"))
                 continue
             n = len(_entries(path, e))
-            checked[e.path] = {"count": n}
+            checked[e.path] = {"count": n, **expected}
             what = {"dirs": "sub-folders", "files": "files", "any": "entries"}[e.entries]
             if e.count is not None and n != e.count:
                 problems.append(f"{path}: {n} {what} matching {e.pattern!r}, expected {e.count}{hint}")
@@ -158,7 +173,7 @@ def verify(manifest: Manifest, root) -> VerifyReport:
                 problems.append(f"{path}: {n} {what} matching {e.pattern!r}, expected at least {e.min_count}{hint}")
             continue
         if not path.is_file():
-            problems.append(f"{path}: missing file{hint}")
+            problems.append(e.missing(path, "file"))
             continue
         found = {"size": path.stat().st_size}
         if e.size is not None and found["size"] != e.size:
@@ -171,7 +186,7 @@ def verify(manifest: Manifest, root) -> VerifyReport:
             found["sha256"] = cache.sha256(e.path, path)
             if found["sha256"] != e.sha256.lower():
                 problems.append(f"{path}: SHA-256 {found['sha256']}, expected {e.sha256.lower()}{hint}")
-        checked[e.path] = found
+        checked[e.path] = {**found, **expected}
     cache.save()
     return VerifyReport(manifest.name, str(root), problems, checked)
 

@@ -2,11 +2,15 @@
 
 Training: one sample per (video, expression, anchor frame f in {0, T, 2T, ...} < L), a clip sampled around the
 anchor (section 1.7), the mask of every sampled frame is ``png == int(obj_id)``, the box its tight xyxy extent with
-inclusive x2/y2, ``valid`` 1 where the mask is non-empty. A clip with no valid frame after the transforms is replaced
-by a random other sample, as in the reference.
+inclusive x2/y2, ``valid`` 1 where the mask is non-empty. A clip with no valid frame after the transforms (the object
+cropped away, absent from the sampled frames, or in no annotation PNG at all) is replaced by a random other sample,
+as in the reference; each redraw is counted (``dataset.redrawn`` in this process, and ``target["redrawn_samples"]``
+on the item served, which :func:`bifit.engine.train_one_epoch` sums) and warned about once per sample.
 
 Inference: the listed valid videos are the valid meta minus the test meta (section 2.4); every expression of a video
-is run on the whole video, resized so the shorter side is ``short_side`` (360 for real YTVOS).
+is run on the whole video, resized so the shorter side is ``short_side`` (360 for real YTVOS). Its caption is the
+expression exactly as written in the meta (capitals and spacing kept), as the official inference feeds it; only
+training captions are lower-cased and whitespace-collapsed.
 
 Bad data raises :class:`SampleError` naming the file, the sample id and the reason. With ``skip_bad_samples=True``
 the dataset logs a warning, records ``{"file", "id", "reason", "index"}`` in ``dataset.skipped`` and serves the next
@@ -14,8 +18,9 @@ sample (index + 1, deterministic); broken expressions found while listing are le
 with ``index`` None. Note that DataLoader workers hold copies of the dataset, so ``skipped`` is per process; pass
 ``skip_log`` (a JSONL file) to collect every process's skips in one place (``read_skip_log`` reads it back).
 Checked while listing: metadata that is not UTF-8, entries with missing keys or wrong types, videos with zero frames,
-empty expressions, object ids absent from meta.json or with an empty frame list; while loading: missing, truncated
-or corrupt JPEGs, annotation PNGs of the wrong mode or size, and objects whose id is in no annotation PNG.
+empty expressions, object ids absent from meta.json; while loading: missing, truncated or corrupt JPEGs, annotation
+PNGs of the wrong mode or size. An object with an empty frame list in meta.json is listed (the reference does not
+read that list) and its clips are redrawn.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import random as _random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +53,7 @@ YTVOS_CATEGORIES = (
     "tennis_racket", "tiger", "toilet", "train", "truck", "turtle", "umbrella", "whale", "zebra",
 )  # fmt: skip
 NUM_VALID_VIDEOS = 202  # the real competition's valid split after the test filter
+REDRAWN_KEY = "redrawn_samples"  # in a training item's (first) target: the redraws it took, summed by the engine
 
 
 class SampleError(RuntimeError):
@@ -167,6 +174,22 @@ def sample_clip_indices(anchor: int, length: int, num_frames: int, rng=_random) 
     return sorted(idx)[:num_frames]
 
 
+class RedrawCounter:
+    """Training redraws: a clip without a valid frame is replaced by a random other sample, as the reference
+    does. Counts every redraw and warns once per sample index (a crop can miss the object on any epoch)."""
+
+    def __init__(self, logger: logging.Logger, dataset_name: str):
+        self.logger, self.dataset_name, self.count, self._warned = logger, dataset_name, 0, set()
+
+    def add(self, index: int, reason: Callable[[], str]) -> None:
+        """Count one redraw of sample ``index``; ``reason()`` (the video/frames and why) is built for the warning."""
+        self.count += 1
+        if index not in self._warned:
+            self._warned.add(index)
+            self.logger.warning("redrawing %s sample %d (counted in %s): %s", self.dataset_name, index, REDRAWN_KEY,
+                                reason())
+
+
 @dataclass(frozen=True)
 class TrainSample:
     video: str
@@ -257,10 +280,9 @@ def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequ
             if not isinstance(objects, dict) or obj_id not in objects or not isinstance(objects[obj_id], dict):
                 problems.append(SampleError(meta_path, sid, "expression refers to an object missing from meta.json"))
                 continue
-            if objects[obj_id].get("frames") == []:
-                problems.append(SampleError(meta_path, sid, f"object {obj_id} has no mask in any frame "
-                                                            "(its meta.json 'frames' list is empty)"))
-                continue
+            if objects[obj_id].get("frames") == []:  # the reference lists it; its clips are redrawn
+                log.warning("%s: object %s has an empty frame list [%s]; its clips will be redrawn", meta_path,
+                            obj_id, sid)
             category = objects[obj_id].get("category")
             if category not in category_ids:
                 problems.append(SampleError(meta_path, sid, f"category {category!r} is not in the categories list "
@@ -301,6 +323,7 @@ class YTVOSDataset(Dataset):
         self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
         self.skip_bad_samples, self.rng, self.max_retries = skip_bad_samples, rng or _random, max_retries
         self.skipped: list[dict] = []
+        self.redraws = RedrawCounter(log, "Ref-YouTube-VOS")
         self.skip_log = None if skip_log is None else Path(skip_log)  # every skip is also appended here (JSONL)
         self._skipped_keys: set[tuple] = set()
         self._has_mask: dict[tuple[str, str], bool] = {}
@@ -318,7 +341,13 @@ class YTVOSDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def redrawn(self) -> int:
+        """Redraws in this process (DataLoader workers count their own; the items carry theirs)."""
+        return self.redraws.count
+
     def __getitem__(self, idx: int):
+        redraws = 0
         for _ in range(self.max_retries):
             try:
                 imgs, target = self.load(self.samples[idx])
@@ -330,8 +359,11 @@ class YTVOSDataset(Dataset):
                 continue
             first = target[0] if isinstance(target, list) else target
             if torch.any(first["valid"] == 1):
+                first[REDRAWN_KEY] = redraws
                 return imgs, target
-            idx = self.rng.randint(0, len(self) - 1)  # no valid frame after augmentation: redraw (reference)
+            self.redraws.add(idx, partial(self.no_valid_frame_reason, self.samples[idx], first))
+            redraws += 1
+            idx = self.rng.randint(0, len(self) - 1)  # no valid frame: redraw, as the reference does
         raise RuntimeError(f"{self.root / self.split}: no loadable clip with a valid frame after "
                            f"max_retries={self.max_retries} attempts (last: {self.samples[idx].sample_id})")
 
@@ -348,9 +380,16 @@ class YTVOSDataset(Dataset):
                 fh.write(json.dumps({**err.record(), "index": index}) + "\n")
         log.warning("skipping bad Ref-YouTube-VOS sample%s: %s", "" if index is None else f" {index}", err)
 
+    def no_valid_frame_reason(self, sample: TrainSample, target: dict) -> str:
+        frames = [sample.frames[p] for p in target["frames_idx"].tolist()]
+        where = (f"{self.root / self.split / 'Annotations' / sample.video}: object id {sample.obj_id} has no mask in "
+                 "any annotation PNG of the video" if not self.object_has_mask(sample)
+                 else "no frame of the clip has the object after the transforms")
+        return f"{where} [{sample.sample_id} frames {frames}]"
+
     def object_has_mask(self, sample: TrainSample) -> bool:
-        """Whether any annotation PNG of the video contains the object's id (cached; read only when a clip has
-        no frame with the object, to tell a clip that missed the object from an object without any mask)."""
+        """Whether any annotation PNG of the video contains the object's id (cached; read only for the warning
+        about a redrawn clip, to tell a clip that missed the object from an object without any mask)."""
         key = (sample.video, sample.obj_id)
         if key not in self._has_mask:
             self._has_mask[key] = any(
@@ -411,9 +450,6 @@ class YTVOSDataset(Dataset):
                 valid.append(int(mask.any()))
                 boxes.append(torch.tensor(bounding_box(mask) if mask.any() else (0, 0, 0, 0), dtype=torch.float32))
         t = len(positions)
-        if not any(valid[:t]) and not self.object_has_mask(sample):
-            raise SampleError(self.root / self.split / "Annotations" / sample.video, sample.sample_id,
-                              f"object id {sample.obj_id} has no mask in any annotation PNG of the video")
         boxes = torch.stack(boxes)  # [(k t), 4] absolute xyxy
         boxes[:, 0::2].clamp_(min=0, max=w)
         boxes[:, 1::2].clamp_(min=0, max=h)
@@ -462,7 +498,7 @@ def split_group_target(target: dict, group: list[TrainSample], t: int) -> list[d
 class Expression:
     video: str
     exp_id: str
-    caption: str  # normalised (section 1.2)
+    caption: str  # as written in the meta: the official inference does not normalise
     frames: tuple[str, ...]  # frame names in meta order
     obj_id: str | None  # present in train metas and in the synthetic valid meta
 
@@ -494,7 +530,7 @@ def inference_expressions(root, split: str = "valid", videos: Sequence[str] | No
             raise problem
         for exp_id, exp in meta[vid]["expressions"].items():
             obj_id = exp.get("obj_id")
-            out.append(Expression(vid, str(exp_id), normalize_text(exp["exp"]), tuple(meta[vid]["frames"]),
+            out.append(Expression(vid, str(exp_id), exp["exp"], tuple(meta[vid]["frames"]),
                                   None if obj_id is None else str(obj_id)))
     return out
 

@@ -14,8 +14,11 @@ Per sequence and per annotator column a (``anno_<a>``), every object k is segmen
 Evaluation is the toolkit's unsupervised protocol run once per annotator on the sequence list, each run reduced
 to the toolkit's global table, and the four tables averaged (:func:`bifit.eval.davis.global_table`); that mean is
 the reported Ref-DAVIS17 number. Results are always recomputed (the toolkit's cached CSVs, pitfall 11, are written
-for reference but never read). Also reported, and labelled as not the official protocol: the per-expression
-J/F of label k + 1 against the GT object named by the expression's obj_id (no Hungarian matching).
+for reference but never read). There is no per-expression score: the GT is the *unsupervised* annotation set,
+whose object ids are not the objects the expressions refer to, so "label k + 1 against GT id obj_id" would score
+unrelated objects on the real data.
+
+Each expression reaches the tokenizer as written in the meta (the official inference does not normalise).
 """
 
 from __future__ import annotations
@@ -33,17 +36,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from bifit.data.collate import tokenize
-from bifit.data.davis import VOID_LABEL, RefDavisVideo, load_frames, load_gt_labels, ref_davis_videos
+from bifit.data.davis import load_frames, load_gt_labels, ref_davis_videos
 from bifit.data.davis_convert import NUM_ANNOTATORS
 from bifit.data.synthetic import PALETTE
 from bifit.data.ytvos import SampleError
 from bifit.eval.davis import (
     GLOBAL_MEASURES,
     UnsupervisedResult,
-    boundary_measure,
     evaluate_unsupervised,
     global_table,
-    region_similarity,
 )
 from bifit.models.postprocess import video_masks
 
@@ -109,26 +110,12 @@ def save_label_maps(folder: Path, frames: Sequence[str], labels: np.ndarray) -> 
         img.save(folder / f"{name}.png")
 
 
-def per_expression_scores(gt: np.ndarray, pred: np.ndarray, video: RefDavisVideo, annotator: int) -> list[dict]:
-    """Direct per-expression J/F: predicted label k + 1 against GT object obj_id (void removed)."""
-    void = gt == VOID_LABEL
-    rows = []
-    for k in range(video.num_objects):
-        obj = int(video.obj_ids[k][annotator])
-        g, p = gt == obj, pred == k + 1
-        j = float(np.mean(region_similarity(g, p, void)))
-        f = float(np.mean(boundary_measure(g, p, void)))
-        rows.append({"video": video.name, "exp_id": video.exp_ids[k][annotator], "annotator": annotator,
-                     "obj_id": str(obj), "j": j, "f": f, "jf": (j + f) / 2})
-    return rows
-
-
 @dataclass
 class RefDavisEvaluation:
     per_annotator: np.ndarray  # (A, 7) toolkit global rows, columns GLOBAL_MEASURES
     final: np.ndarray  # (7,) mean over annotators: the reported numbers
     sequences: dict[str, list[UnsupervisedResult]]
-    expressions: list[dict] = field(default_factory=list)
+    num_expressions: int = 0  # expressions segmented (a count, not a score)
     skipped: list[dict] = field(default_factory=list)  # {"file", "id", "reason"} of sequences left out
 
     def metrics(self) -> dict:
@@ -137,12 +124,9 @@ class RefDavisEvaluation:
                "j_decay": g["J-Decay"], "f_recall": g["F-Recall"], "f_decay": g["F-Decay"]}
         for a, row in enumerate(self.per_annotator):
             out[f"anno_{a}_jf"], out[f"anno_{a}_j"], out[f"anno_{a}_f"] = float(row[0]), float(row[1]), float(row[4])
-        if self.expressions:
-            for key in ("jf", "j", "f"):
-                out[f"per_expression_{key}"] = float(np.mean([r[key] for r in self.expressions]))
         out["num_sequences"] = len(self.sequences)
         out["num_objects"] = int(sum(r[0].n_objects for r in self.sequences.values()))
-        out["num_expressions"] = len(self.expressions)
+        out["num_expressions"] = self.num_expressions
         out["num_skipped_sequences"] = len(self.skipped)
         return out
 
@@ -182,7 +166,7 @@ def evaluate_ref_davis_model(model, tokenizer, prepared_root, out_dir: Path | No
     if not videos:
         raise ValueError(f"{prepared_root}: no Ref-DAVIS17 val sequences to evaluate")
     per_seq: dict[str, list[UnsupervisedResult]] = {}
-    expressions: list[dict] = []
+    num_expressions = 0
     n_ann = NUM_ANNOTATORS
     skipped: list[dict] = []
     for video in tqdm(videos, desc="Ref-DAVIS17", unit="video", disable=not progress):
@@ -198,8 +182,8 @@ def evaluate_ref_davis_model(model, tokenizer, prepared_root, out_dir: Path | No
         pred = predict_label_maps(model, tokenizer, frames, video.captions, orig_size, clip_length, batch)
         per_seq[video.name] = [evaluate_unsupervised(gt, pred[a], name=f"{video.name} (anno_{a})")
                                for a in range(n_ann)]
+        num_expressions += n_ann * video.num_objects
         for a in range(n_ann):
-            expressions += per_expression_scores(gt, pred[a], video, a)
             if out_dir is not None:
                 save_label_maps(Path(out_dir) / f"anno_{a}" / video.name, video.frames, pred[a])
     if not per_seq:
@@ -210,4 +194,4 @@ def evaluate_ref_davis_model(model, tokenizer, prepared_root, out_dir: Path | No
             write_toolkit_csvs(Path(out_dir) / f"anno_{a}", rows[a], {s: r[a] for s, r in per_seq.items()})
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "skipped_samples.json").write_text(json.dumps(skipped, indent=1) + "\n")
-    return RefDavisEvaluation(rows, rows.mean(axis=0), per_seq, expressions, skipped)
+    return RefDavisEvaluation(rows, rows.mean(axis=0), per_seq, num_expressions, skipped)

@@ -17,6 +17,8 @@ did not see:
   Ref-YouTube-VOS inference protocol (section 2.6: the whole video, one query for all frames, sigmoid > 0.5,
   original size), and J and F (section 6.1, no void) are averaged over the frames of the expression, then over
   expressions; J&F = (J + F) / 2. This is how the server averages the valid split, applied to local GT.
+  The videos come from the training split but the protocol is inference: each expression reaches the tokenizer
+  as written in the meta, like valid inference, not lower-cased as the training loader gives it.
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ def hold_out(dataset, videos: Iterable[str]) -> int:
 
 
 def proxy_expressions(root, videos: Sequence[str]) -> list[Expression]:
-    """The expressions (with obj_id) of the held-out training videos, grouped by video."""
+    """The expressions (with obj_id) of the held-out training videos, grouped by video.
+
+    Captions are the raw meta text (inference listing), not the training loader's normalised text: the proxy
+    stands in for valid inference, which tokenises the expression as written."""
     expressions = inference_expressions(root, "train", videos=sorted(videos))
     missing = [f"{e.video}/{e.exp_id}" for e in expressions if e.obj_id is None]
     if missing:

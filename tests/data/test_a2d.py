@@ -1,6 +1,7 @@
 """A2D-Sentences: synthetic writer (official formats) -> preprocess -> loader, and bad inputs."""
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -12,7 +13,14 @@ import torch
 from pycocotools import mask as mask_utils
 
 from bifit.data import synthetic_a2d as syn
-from bifit.data.a2d import A2DDataset, SkippedSample, centred_window, collate_skipping, read_video_frames
+from bifit.data.a2d import (
+    A2DDataset,
+    SkippedSample,
+    centred_window,
+    collate_skipping,
+    read_video,
+    read_video_frames,
+)
 from bifit.data.a2d_preprocess import (
     COCO_GT_JSON,
     H5_DIR,
@@ -22,9 +30,10 @@ from bifit.data.a2d_preprocess import (
     read_h5,
     read_mask_png,
     regenerate_single_frame,
+    size_mismatches,
 )
 from bifit.data.synthetic import make_video
-from bifit.data.transforms import MEAN, STD, SYNTHETIC_RESIZE, make_train_transforms
+from bifit.data.transforms import MEAN, STD, SYNTHETIC_RESIZE, Compose, Normalize, make_train_transforms
 from bifit.data.ytvos import SampleError, bounding_box
 
 TINY = syn.SyntheticA2DConfig(seed=5, num_train_videos=2, num_test_videos=2, frames_per_video=8, annotated_frames=2)
@@ -163,6 +172,26 @@ def test_train_clips_contain_the_annotated_frame(prepared):
         assert t["masks"].shape[-2:] == imgs.shape[-2:]
 
 
+def test_train_sample_with_an_invalid_annotated_frame_is_redrawn_and_counted(prepared, caplog):
+    """As the reference: a sample whose annotated frame is invalid after the transforms is replaced by a random
+    other one; the redraw is counted on the dataset and on the item served, and warned about."""
+    first = A2DDataset(prepared, "train").samples[0]["image_id"]
+
+    def invalidate_first(clip, target):  # stands in for a crop that misses the object
+        imgs, target = Compose([Normalize()])(clip, target)
+        if target["image_id"] == first:
+            target["valid"] = torch.zeros_like(target["valid"])
+        return imgs, target
+
+    ds = A2DDataset(prepared, "train", num_frames=3, rng=random.Random(0), transforms=invalidate_first)
+    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d"):
+        _, t = ds[0]
+    assert t["image_id"] != first and t["valid"].tolist() == [1]
+    assert t["redrawn_samples"] == ds.redrawn >= 1
+    assert "redrawing A2D-Sentences sample 0 (counted in redrawn_samples): the annotated frame" in caplog.text
+    assert first in caplog.text
+
+
 def test_centred_window():
     assert centred_window(5, 0, 11, 6) == [2, 3, 4, 5, 6, 7]  # f-3 .. f+2
     assert centred_window(5, 0, 11, 5) == [3, 4, 5, 6, 7]  # f-2 .. f+2
@@ -260,3 +289,123 @@ def test_missing_mask_png_names_the_file(prepared, tmp_path):
     assert str(mask_path) in str(err.value) and ds.samples[0]["image_id"] in str(err.value)
     with pytest.raises(SampleError, match="missing mask PNG"):
         read_mask_png(mask_path, "x")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding: presentation order, repeated timestamps, a packet that does not decode
+
+
+def flat_frame(value: int, h: int = 16, w: int = 24) -> np.ndarray:
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def write_png_mp4(path: Path, frames: list[np.ndarray], pts: list[int] | None = None) -> None:
+    """A lossless (PNG-coded) mp4 whose k-th packet is frames[k] with presentation timestamp pts[k] (frame units).
+
+    Intra-only: the decoder outputs frames in packet order, so only sorting by pts puts them in presentation
+    order. No edit list, so the muxer keeps the timestamps as given (dts = packet order)."""
+    import av
+
+    with av.open(str(path), "w", format="mp4", options={"use_editlist": "0"}) as container:
+        stream = container.add_stream("png", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "rgb24"
+        for k, frame in enumerate(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                if pts is not None:
+                    packet.dts, packet.pts = k, pts[k] + len(frames)  # pts >= dts, as mp4 requires
+                container.mux(packet)
+
+
+def packet_spans(path: Path) -> list[tuple[int, int]]:
+    """(file offset, size) of every video packet, in file order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+
+
+def test_frames_come_in_presentation_order_not_decoding_order(tmp_path):
+    """The reference's torchvision read_video sorts the decoded frames by pts; frame k is the k-th smallest pts."""
+    presentation = [3, 6, 1, 5, 7, 0, 4, 2]  # packet k is shown at position presentation[k]
+    path = tmp_path / "shuffled.mp4"
+    write_png_mp4(path, [flat_frame(10 * p) for p in presentation], presentation)
+    frames = read_video_frames(path, "x")
+    assert [int(f[0, 0, 0]) for f in frames] == [10 * k for k in range(8)]
+
+
+def test_a_repeated_timestamp_keeps_one_frame_the_last_decoded(tmp_path):
+    """The reference keys frames by pts in a dict: a later frame with the same pts replaces the earlier one."""
+    path = tmp_path / "repeated.mp4"
+    write_png_mp4(path, [flat_frame(v) for v in (0, 10, 20, 30)], [0, 1, 1, 2])
+    frames = read_video_frames(path, "x")
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 20, 30]
+
+
+def corrupt_packet(path: Path, index: int) -> None:
+    """Zero the bytes of the index-th video packet (in file order): that frame no longer decodes."""
+    pos, size = packet_spans(path)[index]
+    data = bytearray(path.read_bytes())
+    data[pos:pos + size] = bytes(size)
+    path.write_bytes(data)
+
+
+def test_a_packet_that_does_not_decode_is_warned_about_and_the_other_frames_kept(tmp_path, caplog):
+    path = tmp_path / "corrupt.mp4"
+    write_png_mp4(path, [flat_frame(10 * k) for k in range(8)])
+    corrupt_packet(path, 3)  # frame 4 (1-based)
+    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d"):
+        video = read_video(path, "v_x_f_2_i_1")
+    assert [int(f[0, 0, 0]) for f in video.frames] == [0, 10, 20, 20, 40, 50, 60, 70]  # later frames keep numbers
+    assert list(video.undecodable) == [3] and "frame 4 " in video.undecodable[3]
+    assert f"{path}: frame 4 (pts " in caplog.text and "could not be decoded" in caplog.text
+    assert "v_x_f_2_i_1" in caplog.text
+
+
+def test_a2d_sample_next_to_an_undecodable_frame_loads_and_one_on_it_is_an_error(raw_copy, tmp_path):
+    preprocess(raw_copy, tmp_path / "out", progress=False)
+    ds = A2DDataset(tmp_path / "out", "test", num_frames=3)
+    k = next(i for i, s in enumerate(ds.samples) if 2 <= s["frame_idx"] < TINY.frames_per_video)
+    frame_idx, video_path = ds.samples[k]["frame_idx"], raw_copy / ds.samples[k]["video_file"]
+    decoded = read_video_frames(video_path, "x")
+    write_png_mp4(video_path, decoded)
+    corrupt_packet(video_path, frame_idx)  # the frame after the annotated one (1-based frame_idx + 1)
+    imgs, t = ds[k]  # loads: the undecodable neighbour stands in as a copy of the annotated frame
+    anchor = int(t["valid_indices"][0])
+    assert t["frames_idx"].tolist() == [frame_idx - 2, frame_idx - 1, frame_idx]
+    assert torch.equal(imgs[anchor], imgs[anchor + 1]) and not torch.equal(imgs[anchor], imgs[anchor - 1])
+
+    write_png_mp4(video_path, decoded)
+    corrupt_packet(video_path, frame_idx - 1)  # the annotated frame itself
+    ds = A2DDataset(tmp_path / "out", "test", num_frames=3)
+    with pytest.raises(SampleError, match=rf"the annotated frame {frame_idx} \(pts \d+\) could not be decoded"):
+        ds[k]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a mask whose size differs from its frames: resized to the frames, as the reference's transforms do
+
+
+def test_mask_and_frames_of_different_sizes_are_resized_together_counted_and_warned(raw_copy, tmp_path, caplog):
+    video = _first_test_entry(raw_copy)[1]
+    video_path = raw_copy / "Release" / "clips320H" / f"{video}.mp4"
+    frames = np.stack(read_video_frames(video_path, "x"))
+    syn.write_mp4(video_path, frames.repeat(2, axis=1).repeat(2, axis=2), TINY.fps)  # frames twice the mask size
+    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d_preprocess"):
+        summary = preprocess(raw_copy, tmp_path / "out", progress=False)
+    ds = A2DDataset(tmp_path / "out", "test", num_frames=3)
+    affected = [k for k, s in enumerate(ds.samples) if s["video"] == video]
+    assert affected and summary["test_size_mismatches"] == len(affected) and summary["train_size_mismatches"] == 0
+    assert size_mismatches(ds.samples) == [ds.samples[k]["image_id"] for k in affected]
+    sizes = f"mask is {TINY.width}x{TINY.height} (WxH) but the frames are {2 * TINY.width}x{2 * TINY.height}"
+    assert sizes in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d"):
+        imgs, t = ds[affected[0]]
+    s = ds.samples[affected[0]]
+    assert s["image_id"] in caplog.text and str(tmp_path / "out" / s["mask"]) in caplog.text
+    assert imgs.shape[-2:] == t["masks"].shape[-2:] == (2 * TINY.height, 2 * TINY.width)
+    assert t["orig_size"].tolist() == [TINY.height, TINY.width]  # the GT's size: predictions go back to it
+    mask = read_mask_png(tmp_path / "out" / s["mask"], "x")
+    assert np.array_equal(t["masks"][0].numpy(), mask.repeat(2, axis=0).repeat(2, axis=1))  # nearest neighbour
+    assert t["valid"].tolist() == [1]

@@ -208,3 +208,107 @@ def test_plain_tar_bz2_and_missing_archive(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"not an archive")
     with pytest.raises(ArchiveError, match="not a zip or tar archive"):
         extract(tmp_path / "bad.zip", tmp_path / "out", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# official archives that share a documentation file (the two Ref-DAVIS17 zips, extracted with plain unzip)
+
+TRAINVAL, SEMANTICS = "DAVIS-2017-Unsupervised-trainval-480p.zip", "DAVIS-2017_semantics-480p.zip"
+
+
+def davis_zips(tmp_path: Path, second: list[tuple[str, bytes]] | None = None) -> tuple[Path, Path]:
+    first = make_zip(tmp_path / TRAINVAL, [("DAVIS/README.md", b"trainval readme"),
+                                           ("DAVIS/SOURCES.md", b"trainval sources"), GOOD[0], GOOD[1]])
+    later = make_zip(tmp_path / SEMANTICS, second or [("DAVIS/README.md", b"semantics readme"),
+                                                      ("DAVIS/SOURCES.md", b"semantics sources"),
+                                                      ("DAVIS/davis_semantics.json", b"{}")])
+    return first, later
+
+
+def test_later_archive_replaces_a_shared_documentation_file_as_unzip_does(tmp_path, caplog):
+    first, later = davis_zips(tmp_path)
+    target = tmp_path / "ref-davis"
+    extract(first, target, progress=False)
+    with caplog.at_level("WARNING", logger="bifit.data.archive"):
+        report = extract(later, target, progress=False)
+    assert (target / "DAVIS/README.md").read_bytes() == b"semantics readme"
+    assert (target / "DAVIS/SOURCES.md").read_bytes() == b"semantics sources"
+    assert report.replaced == ["DAVIS/README.md", "DAVIS/SOURCES.md"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert str(later) in messages[0] and str(target / "DAVIS/README.md") in messages[0] and TRAINVAL in messages[0]
+    assert (target / "DAVIS/davis_semantics.json").read_bytes() == b"{}"
+    assert (target / "DAVIS/ImageSets/2017/val.txt").read_bytes() == GOOD[0][1]
+
+
+def test_shared_documentation_stays_idempotent_and_resumable(tmp_path):
+    first, later = davis_zips(tmp_path)
+    target = tmp_path / "ref-davis"
+    extract(first, target, progress=False)
+    extract(later, target, progress=False)
+    again = [extract(a, target, progress=False) for a in (first, later)]
+    assert all(r.skipped_complete for r in again) and again[1].replaced == ["DAVIS/README.md", "DAVIS/SOURCES.md"]
+    (target / f".extracted/{SEMANTICS}.json").unlink()  # interrupted after its files, before its record
+    resumed = extract(later, target, progress=False)
+    assert resumed.replaced == [] and resumed.files_identical == 3
+    (target / f".extracted/{TRAINVAL}.json").unlink()  # the first archive extracted again after the later one
+    order = [first, later]
+    assert extract(first, target, progress=False, official_order=order).kept == ["DAVIS/README.md",
+                                                                                 "DAVIS/SOURCES.md"]
+    assert (target / "DAVIS/README.md").read_bytes() == b"semantics readme"
+
+
+def test_official_order_after_a_plain_unzip_by_hand(tmp_path):
+    first, later = davis_zips(tmp_path)
+    target = tmp_path / "ref-davis"
+    for archive in (first, later):  # what `unzip` leaves: the later copy, and no records
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(target)
+    with pytest.raises(ArchiveError, match="exists with different content"):  # no record, no order: no evidence
+        extract(first, target, progress=False)
+    order = [first, later]
+    reports = [extract(a, target, progress=False, official_order=order) for a in order]
+    assert reports[0].kept == ["DAVIS/README.md", "DAVIS/SOURCES.md"] and reports[0].files_written == 0
+    assert reports[1].replaced == [] and reports[1].files_identical == 3
+    assert (target / "DAVIS/README.md").read_bytes() == b"semantics readme"
+
+
+@pytest.mark.parametrize("second, expected", [
+    ([("DAVIS/ImageSets/2017/val.txt", b"bear\n")], "exists with different content; refusing to overwrite"),
+    ([("DAVIS/README.md/notes.txt", b"x")], "exists and is not a folder"),
+    ([("DAVIS/JPEGImages/480p/blackswan", b"x")], "exists and is not a regular file"),
+])
+def test_shared_data_paths_and_type_changes_are_refused(tmp_path, second, expected):
+    first, later = davis_zips(tmp_path, second)
+    target = tmp_path / "ref-davis"
+    extract(first, target, progress=False)
+    before = tree(target)
+    with pytest.raises(ArchiveError, match=expected) as err:
+        extract(later, target, progress=False)
+    assert str(later) in str(err.value) and err.value.member == second[0][0]
+    assert tree(target) == before
+
+
+def test_a_symlink_member_never_replaces_a_shared_documentation_file(tmp_path):
+    first = davis_zips(tmp_path)[0]
+    later = make_zip(tmp_path / SEMANTICS, [], symlinks={"DAVIS/README.md": "SOURCES.md"})
+    target = tmp_path / "ref-davis"
+    extract(first, target, progress=False)
+    with pytest.raises(ArchiveError, match="refusing to replace it with a link"):
+        extract(later, target, progress=False)
+    assert (target / "DAVIS/README.md").read_bytes() == b"trainval readme"
+
+
+def test_edited_or_linked_documentation_is_not_replaced(tmp_path):
+    first, later = davis_zips(tmp_path)
+    target = tmp_path / "ref-davis"
+    extract(first, target, progress=False)
+    (target / "DAVIS/README.md").write_bytes(b"my notes")  # changed since the first archive wrote it
+    with pytest.raises(ArchiveError, match="exists with different content"):
+        extract(later, target, progress=False)
+    assert (target / "DAVIS/README.md").read_bytes() == b"my notes"
+    (target / "DAVIS/README.md").unlink()
+    (target / "DAVIS/README.md").symlink_to("SOURCES.md")  # replacing it would write through a link
+    with pytest.raises(ArchiveError, match="exists and is not a regular file"):
+        extract(later, target, progress=False)
+    assert (target / "DAVIS/SOURCES.md").read_bytes() == b"trainval sources"

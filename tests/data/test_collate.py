@@ -66,8 +66,10 @@ def test_tokenize_pads_to_longest(assets):
     assert ids.shape == attn.shape and ids.shape[0] == 2 and attn[1].all()
     n = int(attn[0].sum())
     assert ids[0, 0] == 0 and ids[0, n - 1] == 2 and (ids[0, n:] == 1).all() and not attn[0, n:].any()
-    same, _ = tokenize(tok, ["the red triangle"])
+    same, _ = tokenize(tok, ["The  Red triangle"])
     assert torch.equal(same[0], ids[0, :n])
+    lower, _ = tokenize(tok, ["the red triangle"])  # the text as given: normalising is the loader's choice
+    assert tok.decode(ids[0], skip_special_tokens=True) == "The  Red triangle" and not torch.equal(lower[0], same[0])
     assert tok.decode(ids[1], skip_special_tokens=True) == "the small blue square left of the circle"
     long_ids, _ = tokenize(tok, [" ".join(["circle"] * 100)])
     assert long_ids.shape[1] == TINY_TEXT.model_max_length  # truncated to the position-embedding limit

@@ -137,6 +137,18 @@ def test_annotation_parsing_sorting_and_truncation(tmp_path):
         read_annotation_file(tmp_path / "none.txt", "utf-8")
 
 
+def test_annotation_lines_end_at_newlines_only(tmp_path):
+    # byte 0x85 is U+0085 in latin-1 and 0x1c a separator: str.splitlines() would cut the sentences there
+    path = tmp_path / "Davis17_annot2.txt"
+    path.write_bytes(b'x 1 "a dog\x85 running left"\r\nx 2 "a\x1ccat"\r\ny 1 "a bird"\n')
+    by_video = read_annotation_file(path, "latin-1")
+    # inside a sentence they are whitespace to str.split(), as in the reference: one space each
+    assert [(e.obj_id, e.sentence) for e in by_video["x"]] == [("1", "a dog running left"), ("2", "a cat")]
+    assert [e.sentence for e in by_video["y"]] == ["a bird"]
+    expressions, n_obj = video_expressions([by_video["x"]] * 4)
+    assert n_obj == 2 and len(expressions) == 8 and expressions["4"]["exp"] == "a cat"
+
+
 def test_conversion_reports_missing_sequence_files(davis, tmp_path):
     raw, _, _, _ = davis
     import shutil
@@ -185,7 +197,11 @@ def test_zip_members_are_the_official_names(davis):
             "Davis17_annot1.txt", "Davis17_annot1_full_video.txt", "Davis17_annot2.txt",
             "Davis17_annot2_full_video.txt"))
     with zipfile.ZipFile(raw / SEMANTICS_ZIP) as zf:
-        assert zf.namelist() == ["DAVIS/davis_semantics.json"]
+        assert zf.namelist() == ["DAVIS/README.md", "DAVIS/SOURCES.md", "DAVIS/davis_semantics.json"]
+        semantics_readme = zf.read("DAVIS/README.md")
+    with zipfile.ZipFile(raw / TRAINVAL_ZIP) as zf:  # the same documentation names, other contents
+        assert zf.read("DAVIS/README.md") != semantics_readme
+    assert (raw / "DAVIS/README.md").read_bytes() == semantics_readme  # the later zip's copy, as unzip leaves it
 
 
 def test_expression_of_a_missing_object_is_reported(davis, tmp_path):

@@ -1,6 +1,7 @@
 """JHMDB-Sentences: synthetic writer (official formats) -> preprocess -> loader, and bad inputs."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -152,3 +153,28 @@ def test_truncated_png_frame_is_reported_and_skippable(raw_copy, tmp_path):
     assert isinstance(item, SkippedSample) and item.record["file"] == str(png) and item.record["index"] == 0
     imgs, t = ds[len(ds) - 1]  # the other samples still load
     assert imgs.shape[0] == 4
+
+
+def test_mask_and_frames_of_different_sizes_are_resized_together_counted_and_warned(raw_copy, tmp_path, caplog):
+    """The reference resizes a sample's frames and mask together to a size computed from the frames."""
+    video, frame_path, mask_path, _, _ = metadata(raw_copy)[0]
+    for png in resolve(raw_copy, frame_path).parent.glob("*.png"):
+        with Image.open(png) as img:
+            big = img.resize((2 * img.width, 2 * img.height), Image.NEAREST)
+        big.save(png)
+    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d_preprocess"):
+        summary = preprocess(raw_copy, tmp_path / "out", progress=False)
+    assert summary["test_size_mismatches"] == 3 and summary["skipped"] == 0  # the video's 3 samples
+    sizes = f"mask is {TINY.width}x{TINY.height} (WxH) but the frames are {2 * TINY.width}x{2 * TINY.height}"
+    assert f"{resolve(raw_copy, mask_path)}: {sizes}" in caplog.text
+    ds = JHMDBDataset(tmp_path / "out", num_frames=4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d"):
+        imgs, t = ds[0]
+    assert ds.samples[0]["image_id"] in caplog.text and "resized to the frames" in caplog.text
+    assert imgs.shape[-2:] == t["masks"].shape[-2:] == (2 * TINY.height, 2 * TINY.width)
+    assert t["orig_size"].tolist() == [TINY.height, TINY.width]  # the GT's size: predictions go back to it
+    assert t["size"].tolist() == [2 * TINY.height, 2 * TINY.width]
+    part_mask = scipy.io.loadmat(resolve(raw_copy, mask_path))["part_mask"][..., int(Path(frame_path).stem) - 1] > 0
+    assert np.array_equal(t["masks"][0].numpy(), part_mask.repeat(2, axis=0).repeat(2, axis=1))
+    assert ds.resized_masks == {ds.samples[0]["image_id"]}

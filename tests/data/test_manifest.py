@@ -35,8 +35,9 @@ def test_a_matching_folder_passes(root):
     m = Manifest("toy", [Expect("videos", "dir", count=2, entries="dirs"), Expect("list.txt", lines=3),
                          Expect("meta.json", size=14, sha256=sha(b'{"videos": {}}'))])
     report = verify(m, root)
-    assert report.ok and report.checked["videos"] == {"count": 2}
-    assert report.checked["list.txt"]["lines"] == 3 and report.checked["meta.json"]["size"] == 14
+    assert report.ok and report.checked["videos"] == {"count": 2, "expected": {"count": 2}}
+    assert report.checked["list.txt"] == {"size": 7, "lines": 3, "expected": {"lines": 3}}
+    assert report.checked["meta.json"]["size"] == 14
     assert report.raise_if_bad() is report
 
 
@@ -58,6 +59,18 @@ def test_every_problem_is_listed_with_its_path(root):
     with pytest.raises(ManifestError, match=r"toy at .*: 7 problem\(s\)") as err:
         report.raise_if_bad(hint="place the files ...")
     assert "place the files ..." in str(err.value)
+
+
+def test_minimum_counts_and_missing_path_instructions(root):
+    m = Manifest("toy", [Expect("videos", "dir", min_count=2, entries="dirs"),
+                         Expect("train/meta.json", source="train.zip", if_missing="get it from the page and place "
+                                                                                "it at {path}")])
+    report = verify(m, root)
+    assert report.checked["videos"] == {"count": 2, "expected": {"min_count": 2}}  # the report says "at least"
+    assert report.problems == [f"{root / 'train/meta.json'}: missing file (from train.zip); get it from the page "
+                               f"and place it at {root / 'train/meta.json'}"]
+    (root / "videos/c").mkdir()
+    assert verify(Manifest("toy", m.items[:1]), root).ok  # more than the minimum passes
 
 
 def test_checksums_are_cached_by_size_and_mtime(root):

@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from bifit.data.sources import SOURCES, FetchError, fetch, instructions, real_manifest
+from bifit.data.manifest import verify
+from bifit.data.sources import SOURCES, YTVOS_PAGE, FetchError, fetch, instructions, real_manifest
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -68,11 +69,53 @@ def test_instructions_name_every_file_and_where_it_goes(tmp_path):
 
 def test_released_data_counts():
     davis = {e.path: e for e in real_manifest("davis").items}
-    assert davis["DAVIS/ImageSets/2017/val.txt"].lines == 30 and davis["DAVIS/JPEGImages/480p"].count == 90
+    assert davis["DAVIS/ImageSets/2017/val.txt"].lines == 30  # fixed by the release: exact
+    assert davis["DAVIS/JPEGImages/480p"].min_count == 90 and davis["DAVIS/JPEGImages/480p"].count is None
     ytvos = {e.path: e for e in real_manifest("ytvos").items}
-    assert ytvos["train/JPEGImages"].count == 3471 and ytvos["valid/JPEGImages"].count == 507
+    assert ytvos["train/JPEGImages"].count == 3471  # one fixed train set: exact
+    assert ytvos["valid/JPEGImages"].min_count == 202 and ytvos["valid/JPEGImages"].count is None
     assert "meta_expressions/test/meta_expressions.json" in ytvos
     jhmdb = {e.path: e for e in real_manifest("jhmdb").items}
     assert jhmdb["jhmdb_annotation.txt"].lines == 929  # header + 928 videos
     with pytest.raises(KeyError, match="unknown dataset"):
         real_manifest("coco")
+
+
+def ytvos_download(root, valid_videos: int, train_meta: bool = True):
+    """The real Ref-YouTube-VOS layout as the official archives leave it (empty video folders)."""
+    for split in ("train", "valid", "test"):
+        (root / f"meta_expressions/{split}").mkdir(parents=True)
+        (root / f"meta_expressions/{split}/meta_expressions.json").write_text('{"videos": {}}')
+    for i in range(3471):
+        (root / f"train/JPEGImages/{i:010x}").mkdir(parents=True)
+        (root / f"train/Annotations/{i:010x}").mkdir(parents=True)
+    for i in range(valid_videos):
+        (root / f"valid/JPEGImages/v{i:09x}").mkdir(parents=True)
+    if train_meta:
+        (root / "train/meta.json").write_text('{"videos": {}}')
+    return root
+
+
+@pytest.mark.parametrize("valid_videos", [202, 507])
+def test_a_valid_zip_with_only_the_202_valid_videos_verifies(tmp_path, valid_videos):
+    report = verify(real_manifest("ytvos"), ytvos_download(tmp_path, valid_videos))
+    assert report.ok, report.problems
+    assert report.checked["valid/JPEGImages"] == {"count": valid_videos, "expected": {"min_count": 202}}
+
+
+def test_fewer_valid_videos_are_reported(tmp_path):
+    report = verify(real_manifest("ytvos"), ytvos_download(tmp_path, 201))
+    assert report.problems == [f"{tmp_path / 'valid/JPEGImages'}: 201 sub-folders matching '*', expected at least "
+                               "202 (from valid.zip)"]
+
+
+def test_a_missing_train_meta_json_says_where_it_comes_from(tmp_path):
+    report = verify(real_manifest("ytvos"), ytvos_download(tmp_path, 202, train_meta=False))
+    [problem] = report.problems
+    meta = tmp_path / "train/meta.json"
+    assert problem.startswith(f"{meta}: missing file (from train.zip or the competition page); train.zip is known "
+                              "to lack it")
+    assert f"distributed separately on {YTVOS_PAGE}" in problem
+    assert problem.endswith(f"download meta.json for train from that page and place it at {meta}")
+    text = instructions("ytvos", tmp_path)
+    assert f"- meta.json (train) -> {meta} (by hand from {YTVOS_PAGE})" in text

@@ -171,8 +171,39 @@ def test_clip_without_valid_frame_is_redrawn(bench):
     assert t["video"] != first_video and t["valid"].any()
 
 
-def test_object_without_any_mask_is_a_data_error(bench_copy):
-    """An expression whose object id is in no annotation PNG is reported, not silently redrawn forever."""
+def erase_object(root: Path, vid: str, obj_id: str, frames) -> None:
+    """Remove the object's id from the annotation PNGs of ``frames`` (palette kept)."""
+    for frame in frames:
+        path = root / "train" / "Annotations" / vid / f"{frame}.png"
+        with Image.open(path) as png:
+            ids, palette = np.array(png), png.getpalette()
+        ids[ids == int(obj_id)] = 0
+        out = Image.fromarray(ids, mode="P")
+        out.putpalette(palette)
+        out.save(path)
+
+
+def test_clip_missing_the_object_is_redrawn_counted_and_warned(bench_copy, caplog):
+    """An object missing from some frames of a training video: a clip of only those frames has no valid frame and
+    is replaced by a random other sample, as the reference's loop does; not an error, but counted and warned."""
+    s = dataset(bench_copy).samples[0]
+    assert s.anchor == 0
+    erase_object(bench_copy, s.video, s.obj_id, s.frames[:-1])  # left in the last frame only
+    ds = dataset(bench_copy, num_frames=2)  # anchor 0 with T=2 samples frames [0, 0]
+    with caplog.at_level(logging.WARNING, logger="bifit.data.ytvos"):
+        _, t = ds[0]
+    assert t["valid"].any() and ds.redrawn >= 1 and t["redrawn_samples"] == ds.redrawn
+    assert f"redrawing Ref-YouTube-VOS sample 0 (counted in redrawn_samples): no frame of the clip has the " \
+           f"object after the transforms [video {s.video} exp_id {s.exp_id} obj_id {s.obj_id} frames " \
+           f"{[s.frames[0]] * 2}]" in caplog.text
+    other_video = next(i for i, x in enumerate(ds.samples) if x.video != s.video)
+    _, clean = ds[other_video]
+    assert clean["redrawn_samples"] == 0
+
+
+def test_object_without_any_mask_is_redrawn_and_counted(bench_copy, caplog):
+    """An expression whose object id is in no annotation PNG: the reference redraws every clip of it; so do we,
+    naming the object in the warning (not an error that would stop a run on data the reference trains on)."""
     path = bench_copy / "meta_expressions" / "train" / "meta_expressions.json"
     exps = json.loads(path.read_text())
     vid = next(iter(exps["videos"]))
@@ -181,12 +212,29 @@ def test_object_without_any_mask_is_a_data_error(bench_copy):
     path.write_text(json.dumps(exps))
     meta_path = bench_copy / "train" / "meta.json"
     objects = json.loads(meta_path.read_text())
-    objects["videos"][vid]["objects"]["7"] = {"category": "circle"}  # no frame list to tell it in advance
+    objects["videos"][vid]["objects"]["7"] = {"category": "circle", "frames": []}  # an empty frame list: listed
     meta_path.write_text(json.dumps(objects))
-    ds = dataset(bench_copy)
-    assert ds.samples[0].video == vid and ds.samples[0].obj_id == "7"
-    with pytest.raises(SampleError, match=rf"Annotations/{vid}: object id 7 has no mask in any annotation PNG"):
-        ds[0]
+    with caplog.at_level(logging.WARNING, logger="bifit.data.ytvos"):
+        ds = dataset(bench_copy)
+        assert ds.samples[0].video == vid and ds.samples[0].obj_id == "7"
+        _, t = ds[0]
+    assert t["video"] != vid and t["valid"].any() and t["redrawn_samples"] == ds.redrawn >= 1
+    assert f"train/meta.json: object 7 has an empty frame list [video {vid} exp_id" in caplog.text
+    assert f"Annotations/{vid}: object id 7 has no mask in any annotation PNG of the video" in caplog.text
+
+
+def test_redraws_made_in_dataloader_workers_reach_the_engine_count(bench_copy):
+    """Each DataLoader worker counts in its own copy of the dataset; the count travels in the items."""
+    from bifit.engine import redrawn_in
+
+    s = dataset(bench_copy).samples[0]
+    erase_object(bench_copy, s.video, s.obj_id, s.frames)
+    ds = dataset(bench_copy, num_frames=2)
+    same_object = [i for i, x in enumerate(ds.samples) if (x.video, x.obj_id) == (s.video, s.obj_id)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=same_object, collate_fn=collate_fn,
+                                         num_workers=2)
+    total = sum(redrawn_in(batch) for batch in loader)
+    assert ds.redrawn == 0 and total >= len(same_object)  # every one of them was redrawn at least once
 
 
 def corrupt_video_frames(root: Path, vid: str) -> Path:

@@ -11,7 +11,8 @@ from torch import nn
 
 from bifit.config import Config
 from bifit.data import synthetic_a2d, synthetic_jhmdb
-from bifit.data.a2d_preprocess import COCO_GT_JSON
+from bifit.data.a2d import read_video_frames
+from bifit.data.a2d_preprocess import COCO_GT_JSON, TEST_JSON
 from bifit.data.a2d_preprocess import preprocess as preprocess_a2d
 from bifit.data.jhmdb_preprocess import preprocess as preprocess_jhmdb
 from bifit.eval import a2d as a2d_metrics
@@ -195,3 +196,37 @@ def test_jhmdb_end_to_end_and_skipped_sample_is_reported(jhmdb_root, tmp_path):
     assert skipped_metrics["num_skipped"] == 1 and skipped_metrics["num_samples"] == 3 * JHMDB.num_videos - 1
     skipped = json.loads((out / "skipped_samples.json").read_text())
     assert [(r["id"], r["file"], r["index"]) for r in skipped] == [(index["samples"][0]["image_id"], str(bad), 0)]
+
+
+def test_a2d_masks_smaller_than_frames_are_scored_on_the_gt_grid_and_counted_in_mlflow(tmp_path, monkeypatch):
+    """The loader resizes a mask to its frames (as the official transforms do) instead of failing; predictions go
+    back to the GT's size, and the evaluation stage counts such samples in its metrics JSON and MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import evaluate_dataset
+    from pipeline.config import load_pipeline_config
+    from tests.pipeline.test_datasets import _dataset_params
+
+    raw = tmp_path / "raw"
+    synthetic_a2d.generate_a2d(A2D, raw, progress=False)
+    video = json.loads((raw / TEST_JSON).read_text())[0][1]
+    video_path = raw / "Release" / "clips320H" / f"{video}.mp4"
+    frames = np.stack(read_video_frames(video_path, "x"))
+    synthetic_a2d.write_mp4(video_path, frames.repeat(2, axis=1).repeat(2, axis=2), A2D.fps)  # 2x the masks
+    cfg = load_pipeline_config(_dataset_params(tmp_path))
+    summary = preprocess_a2d(raw, cfg.datasets.resolve(cfg.datasets.prepared) / "a2d", progress=False)
+    assert summary["test_size_mismatches"] >= 1
+    monkeypatch.setattr(evaluate_dataset, "load_model", lambda cfg, path: (ConstantModel(full=1), CharTokenizer(), {}))
+
+    metrics = evaluate_dataset.evaluate_dataset(cfg, "a2d")
+    assert metrics["size_mismatches"] == summary["test_size_mismatches"]
+    assert json.loads((cfg.path("metrics") / "a2d.json").read_text())["size_mismatches"] == metrics["size_mismatches"]
+    # the whole-frame query on the GT grid: IoU_i = |G_i| / (H W), the resized samples included
+    gt = load_coco_gt(cfg.datasets.resolve(cfg.datasets.prepared) / "a2d" / COCO_GT_JSON)
+    areas = np.array([gt_mask(gt, iid).sum() for iid in gt["images"]], dtype=np.float64)
+    assert metrics["num_samples"] == len(areas) and metrics["num_skipped"] == 0
+    assert metrics["mean_iou"] == pytest.approx(np.mean(areas / (A2D.height * A2D.width)), rel=1e-6)
+    client = MlflowClient(cfg.mlflow.resolved_uri())
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'evaluate-a2d'")
+    assert [r.data.metrics["a2d_size_mismatches"] for r in runs] == [metrics["size_mismatches"]]

@@ -126,6 +126,8 @@ def test_tiny_model_run_matches_rescoring_of_the_written_pngs(prepared, tmp_path
     assert metrics["num_sequences"] == 2 and metrics["num_expressions"] == 4 * sum(v.num_objects for v in videos)
     assert all(np.isfinite(metrics[k]) and 0 <= metrics[k] <= 1 for k in ("jf", "j", "f", "anno_3_jf"))
     assert metrics["jf"] == pytest.approx(np.mean([metrics[f"anno_{a}_jf"] for a in range(4)]), abs=1e-12)
+    # no per-expression score: the unsupervised GT ids are not the objects the expressions refer to
+    assert [k for k in metrics if "per_expression" in k] == [] and not hasattr(result, "expressions")
     # independent path: read the written palette PNGs and the GT of the untouched DAVIS tree
     rescored = {}
     for v in videos:

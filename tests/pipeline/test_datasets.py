@@ -64,7 +64,11 @@ def test_download_verifies_and_is_idempotent(stages):
 
     tmp, _, cfg, reports, _, _, _ = stages
     assert all(r["ok"] and r["problems"] == [] for r in reports.values())
-    assert reports["davis"]["found"]["DAVIS/JPEGImages/480p"] == {"count": 2}
+    assert reports["davis"]["found"]["DAVIS/JPEGImages/480p"] == {"count": 2, "expected": {"count": 2}}
+    # both DAVIS zips carry DAVIS/README.md: extracted in the official order, the later zip's copy is kept
+    assert reports["davis"]["synthetic"]["replaced"] == {"DAVIS-2017_semantics-480p.zip": ["DAVIS/README.md",
+                                                                                          "DAVIS/SOURCES.md"]}
+    assert (tmp / "eval/ref-davis/DAVIS/README.md").read_text().startswith("# DAVIS-2017_semantics-480p.zip")
     status = (tmp / "status/davis.json").read_text()
     stamp = (tmp / "eval/ref-davis/DAVIS/davis_semantics.json").stat().st_mtime_ns
     again = download.download(cfg, "davis", progress=False)
@@ -100,8 +104,56 @@ def test_real_source_prints_instructions_extracts_and_reports_every_problem(stag
         download.download(cfg, "davis", progress=False)
     problems = "\n".join(err.value.problems)
     assert (real / "DAVIS/davis_semantics.json").is_file()
-    assert "1 non-empty lines, expected 30" in problems and "2 sub-folders matching '*', expected 90" in problems
+    assert "1 non-empty lines, expected 30" in problems  # val.txt: fixed by the release
+    assert "2 sub-folders matching '*', expected at least 90" in problems  # more when test-dev is unzipped too
     assert "missing file" not in problems
+    status = json.loads((tmp_path / "status/davis.json").read_text())
+    assert status["obtained"]["replaced"] == {"DAVIS-2017_semantics-480p.zip": ["DAVIS/README.md",
+                                                                                "DAVIS/SOURCES.md"]}
+
+
+def _ytvos_zip(path, videos: dict[str, int]):
+    """An archive with ``count`` empty video folders under each given folder (the official layout)."""
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for folder, count in videos.items():
+            for i in range(count):
+                zf.writestr(zipfile.ZipInfo(f"{folder}/{i:010x}/"), b"")
+    return path
+
+
+def test_real_ytvos_download_as_the_official_archives_ship_it(tmp_path):
+    from bifit.data.manifest import ManifestError
+    from bifit.data.sources import YTVOS_PAGE
+    from pipeline import download
+    from pipeline.config import load_pipeline_config
+
+    root = tmp_path / "ref-youtube-vos"
+    _ytvos_zip(root / "downloads/train.zip", {"train/JPEGImages": 3471, "train/Annotations": 3471})  # no meta.json
+    _ytvos_zip(root / "downloads/valid.zip", {"valid/JPEGImages": 202})  # the valid videos only, not all 507
+    for split in ("train", "valid", "test"):
+        (root / f"meta_expressions/{split}").mkdir(parents=True)
+        (root / f"meta_expressions/{split}/meta_expressions.json").write_text('{"videos": {}}')
+    params = _dataset_params(tmp_path, ytvos={"source": "real"})
+    raw = yaml.safe_load(params.read_text())
+    raw["data"]["root"] = str(root)
+    params.write_text(yaml.safe_dump(raw))
+    cfg = load_pipeline_config(params)
+    with pytest.raises(ManifestError) as err:
+        download.download(cfg, "ytvos", progress=False)
+    [problem] = err.value.problems  # only meta.json, and it says where to get it
+    assert problem.startswith(f"{root / 'train/meta.json'}: missing file")
+    assert f"on {YTVOS_PAGE}, next to the train archive's JPEGImages/Annotations" in problem
+    assert problem.endswith(f"download meta.json for train from that page and place it at {root / 'train/meta.json'}")
+    assert json.loads((tmp_path / "status/ytvos.json").read_text())["problems"] == [problem]
+    (root / "train/meta.json").write_text('{"videos": {}}')
+    report = download.download(cfg, "ytvos", progress=False)
+    assert report["ok"] and report["obtained"]["extracted"] == ["train.zip", "valid.zip"]
+    status = json.loads((tmp_path / "status/ytvos.json").read_text())
+    assert status["found"]["valid/JPEGImages"] == {"count": 202, "expected": {"min_count": 202}}
+    assert status["found"]["train/JPEGImages"] == {"count": 3471, "expected": {"count": 3471}}
 
 
 def test_preprocess_outputs(stages):
@@ -123,7 +175,9 @@ def test_evaluations_write_metrics_plots_predictions_and_mlflow(stages):
         assert m["eval_seconds"] >= 0
     assert {"jf", "j", "f", "jf_shuffled"} <= set(metrics["ytvos"])
     assert metrics["ytvos_proxy"]["num_videos"] == 1 and metrics["ytvos_proxy"]["held_out_of_training"] == 1
-    assert {"jf", "anno_0_jf", "anno_3_f", "per_expression_jf"} <= set(metrics["davis"])
+    assert {"jf", "anno_0_jf", "anno_3_f"} <= set(metrics["davis"])
+    assert not [k for k in metrics["davis"] if "per_expression" in k]  # unsupervised ids: no per-expression score
+    assert not (tmp / "davis_valid/per_expression.csv").exists()
     assert {"mAP 0.5:0.95", "best-query-only mAP 0.5:0.95", "overall_iou", "P@0.9"} <= set(metrics["a2d"])
     assert metrics["jhmdb"]["num_samples"] == 6
     assert all(0 <= metrics[n][k] <= 1 for n in ("ytvos", "ytvos_proxy", "davis") for k in ("jf", "j", "f"))
@@ -140,6 +194,7 @@ def test_evaluations_write_metrics_plots_predictions_and_mlflow(stages):
 def test_summary_table(stages):
     _, _, _, _, _, metrics, text = stages
     assert "| Ref-DAVIS17 val (4 annotators averaged) | J&F | " in text
+    assert "- Ref-DAVIS17: unsupervised protocol (Hungarian matching), mean of 4 annotator runs" in text
     assert f"{100 * metrics['davis']['jf']:.1f} | 60.5 | " in text
     assert "mAP (all queries: the paper's protocol)" in text and "synthetic (not comparable)" in text
     assert text.count("\n| ") == 4 + 3 + 3 + 6 + 6 + 1  # header + ytvos, proxy, davis, a2d, jhmdb rows

@@ -18,7 +18,8 @@ def test_rows_compare_with_the_paper_and_flag_synthetic_data(tmp_path):
     cfg = _cfg(tmp_path, davis={"source": "real", "root": "data/ref-davis", "checkpoint": "ytvos_r50.pth"})
     m = tmp_path / "metrics"
     m.mkdir()
-    (m / "davis.json").write_text(json.dumps({"jf": 0.612, "j": 0.571, "f": 0.653, "eval_seconds": 41.2}))
+    (m / "davis.json").write_text(json.dumps({"jf": 0.612, "j": 0.571, "f": 0.653, "eval_seconds": 41.2,
+                                              "per_expression_jf": 0.3}))  # stale key of older versions
     (m / "a2d.json").write_text(json.dumps({"overall_iou": 0.75, "mean_iou": 0.676, "mAP 0.5:0.95": 0.5,
                                             "best-query-only mAP 0.5:0.95": 0.45, "P@0.5": 0.8, "P@0.9": 0.1}))
     rows, notes = summary.summary_rows(cfg)
@@ -29,6 +30,9 @@ def test_rows_compare_with_the_paper_and_flag_synthetic_data(tmp_path):
     for name in ("ytvos", "ytvos_proxy", "jhmdb"):
         assert f"metrics/{name}.json is missing: run `dvc repro evaluate@{name}`" in text
     assert text.count("| missing |") == 3
+    assert ("- Ref-DAVIS17: unsupervised protocol (Hungarian matching), mean of 4 annotator runs; no per-expression "
+            "score") in text
+    assert "30.0" not in text and "per-expression" not in text.replace("no per-expression score", "")
 
 
 def test_real_ytvos_without_ground_truth_points_to_the_server(tmp_path):

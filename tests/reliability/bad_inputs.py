@@ -98,8 +98,6 @@ CORRUPT_DATASETS = [
                 r"Annotations/{vid}/\d+\.png: annotation is \d+x\d+ \(WxH\), expected the frame size", "loading"),
     DatasetCase("annotation PNG of the wrong mode", png_wrong_mode,
                 r"Annotations/{vid}/\d+\.png: expected a palette \('P'\) or 'L' PNG, got mode 'RGB'", "loading"),
-    DatasetCase("expression -> object id without a mask", object_without_mask,
-                r"Annotations/{vid}: object id \d+ has no mask in any annotation PNG of the video", "loading"),
     DatasetCase("video without 'frames'", lambda r: _edit_json(r, EXP_JSON, lambda v, vid: v[vid].pop("frames")),
                 r"meta_expressions\.json: 'frames' must be a list of frame-name strings, found missing "
                 r"\[video {vid}\]", "listing"),
@@ -130,10 +128,17 @@ CORRUPT_DATASETS = [
         r, EXP_JSON, lambda v, vid: v[vid]["expressions"]["0"].update(obj_id="42")),
                 r"train/meta\.json: expression refers to an object missing from meta\.json "
                 r"\[video {vid} exp_id 0 obj_id 42\]", "listing"),
+]
+# data the official loader trains on: its clips have no valid frame and are redrawn (counted, warned), not errors
+ACCEPTED_DATASETS = [
+    DatasetCase("expression -> object id without a mask", object_without_mask,
+                r"redrawing Ref-YouTube-VOS sample \d+ \(counted in redrawn_samples\): .*Annotations/{vid}: object id "
+                r"\d+ has no mask in any annotation PNG of the video \[video {vid} exp_id \d+ obj_id \d+ frames",
+                "loading"),
     DatasetCase("object with an empty frame list in meta.json", lambda r: _edit_json(
         r, META_JSON, lambda v, vid: [o.update(frames=[]) for o in v[vid]["objects"].values()]),
-                r"train/meta\.json: object \d+ has no mask in any frame \(its meta\.json 'frames' list is empty\) "
-                r"\[video {vid} exp_id", "listing"),
+                r"train/meta\.json: object \d+ has an empty frame list \[video {vid} exp_id \d+ obj_id \d+\]; its "
+                r"clips will be redrawn", "listing"),
 ]
 # whole-file problems: no sample can be read, so they are errors even with data.skip_bad_samples
 FATAL_DATASETS = [

@@ -5,6 +5,7 @@ are refused with the reason. Archives and .h5/.mat files are covered by tests/da
 
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 import re
@@ -22,6 +23,7 @@ from bifit.data import SYNTHETIC_CATEGORIES, SampleError, YTVOSDataset
 from bifit.data.ytvos import read_skip_log
 from tests.conftest import REPO, tiny_model
 from tests.reliability.bad_inputs import (
+    ACCEPTED_DATASETS,
     BAD_PARAMS,
     BAD_PARAMS_PREFLIGHT,
     CORRUPT_DATASETS,
@@ -79,6 +81,21 @@ def test_bad_dataset_with_skip_records_every_skip_in_the_log(case, bench, tmp_pa
         assert len(ds) < clean_count and all(r["index"] is None for r in recorded)
     else:  # served in its place: the next sample (index + 1), never silently
         assert all(isinstance(r["index"], int) for r in recorded)
+
+
+@pytest.mark.parametrize("case", ACCEPTED_DATASETS, ids=lambda c: c.name)
+def test_data_the_official_loader_accepts_is_redrawn_counted_and_warned(case, bench, tmp_path, clean_count, caplog):
+    """Stricter than the reference would stop a real run: these load, their clips are redrawn as the reference
+    redraws them, and each is counted and warned about naming the video."""
+    root, message = broken_copy(bench, tmp_path / "copy", case)
+    with caplog.at_level(logging.WARNING, logger="bifit.data.ytvos"):
+        ds = dataset(root)
+        served = [ds[i][1] for i in range(len(ds))]
+    assert len(ds) == clean_count and not ds.skipped and all(t["valid"].any() for t in served)
+    assert re.search(message, caplog.text), caplog.text
+    assert sum(t["redrawn_samples"] for t in served) == ds.redrawn
+    if case.stage == "loading":
+        assert ds.redrawn > 0
 
 
 @pytest.mark.parametrize("case", FATAL_DATASETS, ids=lambda c: c.name)
