@@ -68,10 +68,12 @@ def build_optimizer(model: nn.Module, tcfg):
 def batch_inputs(batch, tokenizer, device) -> tuple[dict, list[dict]]:
     """VideoBatch -> (model keyword inputs, targets on the device; string ids stay on the host)."""
     input_ids, attention_mask = tokenize(tokenizer, batch.captions)
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch.targets]
+    # non_blocking: the copies overlap with the host work that follows when the loader pins memory
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in batch.targets]
     inputs = dict(
-        images=batch.images.to(device), image_mask=batch.image_mask.to(device),
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        images=batch.images.to(device, non_blocking=True), image_mask=batch.image_mask.to(device, non_blocking=True),
+        input_ids=input_ids.to(device, non_blocking=True), attention_mask=attention_mask.to(device, non_blocking=True),
         image_sizes=torch.stack([t["size"] for t in targets]),
     )
     if "valid_indices" in targets[0]:
@@ -131,8 +133,8 @@ def nonfinite_message(losses: dict[str, torch.Tensor], total: torch.Tensor | Non
     """None when the outputs and the weighted total are finite, else a message naming the step, the bad loss
     terms (or model outputs) and the samples."""
     if bad_outputs:
-        return (f"epoch {epoch} step {step}: non-finite model output(s) {', '.join(bad_outputs)} (loss not "
-                f"computed) on samples {sample_ids(targets)}")
+        return (f"epoch {epoch} step {step}: non-finite model output(s) {', '.join(bad_outputs)} (the loss is not "
+                f"used) on samples {sample_ids(targets)}")
     if torch.isfinite(total):
         return None
     bad = [f"{k}={v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
@@ -170,12 +172,23 @@ def redrawn_in(batch) -> int:
     return sum(int(t.get(REDRAWN_KEY, 0)) for t in batch.targets)
 
 
-def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, step: int, targets: list[dict],
-                 epoch: int = 0) -> None:
-    """Raise NonFiniteLossError (step, terms, sample ids) when the total loss is NaN or inf."""
-    message = nonfinite_message(losses, total, step, epoch, targets)
-    if message:
-        raise NonFiniteLossError(message)
+def all_finite(outputs) -> torch.Tensor:
+    """A 0-d bool tensor: every floating-point tensor in the (nested) model outputs is finite. Computed on the
+    device, so checking it costs no host sync of its own."""
+    tensors = []
+
+    def collect(x):
+        if torch.is_tensor(x) and x.is_floating_point():
+            tensors.append(torch.isfinite(x).all())
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    collect(outputs)
+    return torch.stack(tensors).all() if tensors else torch.tensor(True)
 
 
 def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch: int, clip_max_norm: float = 0.1,
@@ -197,11 +210,18 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
         inputs, targets = batch_inputs(batch, tokenizer, device)
         with autocast:
             outputs = model(**inputs)
-            bad_outputs = nonfinite_outputs(outputs)
-            losses = {} if bad_outputs else criterion(outputs, targets)
-            total = None if bad_outputs else criterion.weighted_total(losses)
+            losses = criterion(outputs, targets)
+            total = criterion.weighted_total(losses)
         global_step += 1
-        problems = gather_nonfinite(nonfinite_message(losses, total, global_step, epoch, targets, bad_outputs), device)
+        logged = {"loss": total, **{k: v for k, v in losses.items() if "_" not in k[5:]}}
+        # the step's one host sync: the logged values and whether every model output was finite
+        values = torch.stack([v.detach().float() for v in logged.values()] + [all_finite(outputs).float()]).tolist()
+        outputs_finite = values.pop() == 1.0
+        values = dict(zip(logged, values))
+        message = None
+        if not outputs_finite or not math.isfinite(values["loss"]):  # rare: the details cost syncs of their own
+            message = nonfinite_message(losses, total, global_step, epoch, targets, nonfinite_outputs(outputs))
+        problems = gather_nonfinite(message, device)
         if problems:
             if not skip_nonfinite:
                 raise NonFiniteLossError("; ".join(problems) + " (set train.skip_nonfinite_batches: true to skip "
@@ -213,11 +233,11 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+            # foreach: one batched norm; the default on CPU is a Python loop of three ops per parameter
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm, foreach=True)
         optimizer.step()
         steps += 1
         clips += inputs["images"].shape[0]
-        values = {"loss": total.item(), **{k: v.item() for k, v in losses.items() if "_" not in k[5:]}}
         for k, v in values.items():
             sums[k] += v
         if on_step is not None:

@@ -105,7 +105,9 @@ def _loader(cfg: PipelineConfig, dataset, world: int, rank: int):
     from bifit.data import collate_fn
     from bifit.data.samplers import VideoGroupedBatchSampler
 
-    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    # pinned batches let batch_inputs copy to the GPU without blocking the host
+    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                   pin_memory=cfg.ray.use_gpu and torch.cuda.is_available())
     if cfg.data.batch_grouping == "video":
         sampler = VideoGroupedBatchSampler(dataset.samples, cfg.train.batch_size, world, rank, cfg.train.seed)
         return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **workers)

@@ -6,6 +6,7 @@ and mask logits at 1/4 resolution, for the last decoder layer and (aux) every ea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bifit.models.backbone import VisualBackbone
 from bifit.models.deformable_transformer import DeformableTransformer
@@ -48,6 +50,17 @@ class VisualFeatures:
 def _resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
     """[n, H, W] bool -> [n, h, w] bool, nearest."""
     return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+
+# cuDNN's fused attention builds an execution plan for every new shape (several ms of host time per call), and
+# token lengths and frame sizes change from step to step; the flash and memory-efficient kernels need no plan.
+_CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(device: torch.device):
+    """The scaled-dot-product attention kernels the model may use on `device` (a context manager)."""
+    return sdpa_kernel(_CUDA_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class BIFIT(nn.Module):
@@ -148,6 +161,12 @@ class BIFIT(nn.Module):
         image_sizes [b, 2] unpadded (h, w); valid_indices [b] (A2D: the one annotated frame of each clip).
         visual: precomputed `encode_visual` output (e.g. one video shared by several expressions, repeated).
         """
+        with attention_kernels(input_ids.device):
+            return self._forward(images, image_mask, input_ids, attention_mask, image_sizes, valid_indices, with_aux,
+                                 record, visual)
+
+    def _forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices, with_aux, record,
+                 visual):
         if visual is None:
             visual = self.encode_visual(images, image_mask, valid_indices)
         b, t = input_ids.shape[0], visual.num_frames

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bifit.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from bifit.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from bifit.models.matcher import pad_and_subsample_masks
 
 
@@ -36,41 +36,44 @@ class SetCriterion(nn.Module):
         self.matcher, self.weight_dict = matcher, weight_dict
         self.focal_alpha, self.stride = focal_alpha, mask_out_stride
 
-    def loss_labels(self, out, targets, indices, num_boxes):
+    def loss_labels(self, out, targets, matched, num_boxes):
         logits = out["pred_logits"]  # [b, t, q, k]
         b, t, q, k = logits.shape
+        valid = torch.stack([tgt["valid"] for tgt in targets]).to(logits)  # [b, t]
+        # binary referring: class 0 is positive on the matched query's valid frames
         target = torch.zeros_like(logits)
-        for i, (tgt, (src_q, _)) in enumerate(zip(targets, indices)):
-            frames = tgt["valid"].nonzero().flatten().to(logits.device)
-            for qi in src_q.tolist():
-                target[i, frames, qi, 0] = 1  # binary referring: class 0 on the matched query's valid frames
+        target[..., 0] = valid[:, :, None] * F.one_hot(matched, q).to(logits)[:, None, :]
         # [b, t, q, k] -> [b, (t q), k]
         loss = sigmoid_focal_loss(logits.flatten(1, 2), target.flatten(1, 2), num_boxes, self.focal_alpha)
         return {"loss_ce": loss * (t * q)}
 
-    def loss_boxes(self, out, targets, indices, num_boxes):
+    @staticmethod
+    def matched_query(tensor: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        """[b, t, q, ...] -> the matched query's [b, t, ...]."""
+        return tensor[torch.arange(tensor.shape[0], device=tensor.device), :, matched]
+
+    def loss_boxes(self, out, targets, matched, num_boxes):
         # the matched query's boxes in every frame (invalid frames included: their target is zeros)
-        src = torch.cat([out["pred_boxes"][i][:, src_q] .transpose(0, 1).flatten(0, 1)
-                         for i, (src_q, _) in enumerate(indices)])  # [(b t), 4]
+        src = self.matched_query(out["pred_boxes"], matched).flatten(0, 1)  # [(b t), 4]
         tgt = torch.cat([t["boxes"] for t in targets]).to(src)
         loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def loss_masks(self, out, targets, indices, num_boxes, target_masks):
-        src = torch.stack([out["pred_masks"][i][:, src_q].transpose(0, 1).flatten(0, 1)
-                           for i, (src_q, _) in enumerate(indices)])  # [b, t, h, w]
+    def loss_masks(self, out, targets, matched, num_boxes, target_masks):
+        src = self.matched_query(out["pred_masks"], matched)  # [b, t, h, w]
         src, tgt = src.flatten(1), target_masks.to(src).flatten(1)
         return {"loss_mask": sigmoid_focal_loss(src, tgt, num_boxes, self.focal_alpha),
                 "loss_dice": dice_loss(src, tgt, num_boxes)}
 
     @staticmethod
-    def num_boxes(targets, device) -> float:
-        n = torch.as_tensor([float(sum(int(t["valid"].sum()) for t in targets))], device=device)
+    def num_boxes(targets, device) -> torch.Tensor:
+        """Valid frames in the batch, averaged over ranks, at least 1: a 0-d tensor (no host sync)."""
+        n = torch.stack([t["valid"].sum() for t in targets]).sum().to(device=device, dtype=torch.float32)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(n)
             n = n / torch.distributed.get_world_size()
-        return max(n.item(), 1.0)
+        return n.clamp(min=1.0)
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Unweighted loss terms; `weighted_total(losses)` combines them."""
@@ -80,10 +83,10 @@ class SetCriterion(nn.Module):
         losses = {}
         levels = [(outputs, "")] + [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
         for out, suffix in levels:
-            indices = self.matcher(out, targets, target_masks)
-            terms = {**self.loss_labels(out, targets, indices, num_boxes),
-                     **self.loss_boxes(out, targets, indices, num_boxes),
-                     **self.loss_masks(out, targets, indices, num_boxes, target_masks)}
+            matched = self.matcher(out, targets, target_masks)  # [b]
+            terms = {**self.loss_labels(out, targets, matched, num_boxes),
+                     **self.loss_boxes(out, targets, matched, num_boxes),
+                     **self.loss_masks(out, targets, matched, num_boxes, target_masks)}
             losses.update({k + suffix: v for k, v in terms.items()})
         return losses
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from bifit.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from bifit.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 
 def pad_and_subsample_masks(masks: list[torch.Tensor], stride: int = 4, divisor: int = 32) -> torch.Tensor:
@@ -23,29 +22,26 @@ def pad_and_subsample_masks(masks: list[torch.Tensor], stride: int = 4, divisor:
 
 
 def focal_cost(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0):
-    """Pairwise focal cost: logits [n, p], targets [m, p] -> [n, m] (mean over p)."""
-    n, m = logits.shape[0], targets.shape[0]
-    x = logits[:, None].expand(-1, m, -1)
-    y = targets[None].expand(n, -1, -1)
-    prob = x.sigmoid()
-    ce = nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
-    p_t = prob * y + (1 - prob) * (1 - y)
+    """Focal cost, mean over the last dimension: logits [..., p], targets broadcastable to them -> [...]."""
+    prob = logits.sigmoid()
+    targets = targets.expand_as(logits)
+    ce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
     cost = ce * (1 - p_t) ** gamma
     if alpha >= 0:
-        cost = (alpha * y + (1 - alpha) * (1 - y)) * cost
-    return cost.mean(2)
+        cost = (alpha * targets + (1 - alpha) * (1 - targets)) * cost
+    return cost.mean(-1)
 
 
 def dice_coef(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [n, p], targets [m, p] -> dice coefficient [n, m] with +1 smoothing."""
-    probs = logits.sigmoid()[:, None]
-    tgt = targets[None]
-    return (2 * (probs * tgt).sum(2) + 1) / (probs.sum(-1) + tgt.sum(-1) + 1)
+    """Dice coefficient with +1 smoothing over the last dimension: [..., p], broadcastable [..., p] -> [...]."""
+    probs = logits.sigmoid()
+    return (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
 
 
 class VideoMatcher(nn.Module):
-    """Costs per query, averaged over frames; the query of minimum total cost is matched (Hungarian
-    assignment with scipy when a clip has several objects)."""
+    """Costs per query, averaged over frames; each clip's referred object is matched to the query of minimum
+    total cost. Every clip is costed at once and the result stays on the device (no host sync)."""
 
     def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, cost_mask=2.0, cost_dice=5.0,
                  focal_alpha=0.25, mask_out_stride=4):
@@ -55,40 +51,26 @@ class VideoMatcher(nn.Module):
         self.alpha, self.stride = focal_alpha, mask_out_stride
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list[dict], target_masks: torch.Tensor | None = None):
-        """outputs: pred_logits [b, t, q, k], pred_boxes [b, t, q, 4], pred_masks [b, t, q, h, w].
-        Returns a list of (query index [m], target index [m]) per clip."""
+    def forward(self, outputs: dict, targets: list[dict], target_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """outputs: pred_logits [b, t, q, k], pred_boxes [b, t, q, 4], pred_masks [b, t, q, h, w]; one referred
+        object per clip. Returns the matched query of every clip: [b] long, on the outputs' device."""
         if target_masks is None:
             target_masks = pad_and_subsample_masks([t["masks"] for t in targets], self.stride)
-        target_masks = target_masks.to(outputs["pred_masks"])
-        indices = []
-        for i, tgt in enumerate(targets):
-            prob = outputs["pred_logits"][i].sigmoid()[..., 0]  # [t, q] (binary: class 0)
-            valid = tgt["valid"].bool()
-            a, g = self.alpha, 2.0
-            neg = (1 - a) * prob**g * (-(1 - prob + 1e-8).log())
-            pos = a * (1 - prob) ** g * (-(prob + 1e-8).log())
-            cost_class = (pos - neg)[valid].mean(0) if valid.any() else prob.new_zeros(prob.shape[1])
-            boxes = outputs["pred_boxes"][i]  # [t, q, 4]
-            tgt_boxes = tgt["boxes"].to(boxes)  # [t, 4]
-            cost_bbox = (boxes - tgt_boxes[:, None]).abs().sum(-1).mean(0)  # [q]
-            giou = torch.stack([
-                generalized_box_iou(box_cxcywh_to_xyxy(boxes[f]), box_cxcywh_to_xyxy(tgt_boxes[f : f + 1]))[:, 0]
-                for f in range(boxes.shape[0])
-            ])
-            cost_giou = -giou.mean(0)
-            # masks [t, q, h, w] -> [q, (t h w)] against [1, (t h w)]
-            pred = outputs["pred_masks"][i].transpose(0, 1).flatten(1)
-            tgt_mask = target_masks[i].flatten()[None]
-            cost_mask = focal_cost(pred, tgt_mask, self.alpha)[:, 0]
-            cost_dice = -dice_coef(pred, tgt_mask)[:, 0]
-            cost = (self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
-                    + self.cost_mask * cost_mask + self.cost_dice * cost_dice)[:, None]  # [q, 1 object]
-            if cost.shape[1] == 1:
-                src = cost.argmin(0)
-                dst = torch.zeros(1, dtype=torch.long)
-            else:
-                rows, cols = linear_sum_assignment(cost.cpu().numpy())
-                src, dst = torch.as_tensor(rows), torch.as_tensor(cols)
-            indices.append((src.long().cpu(), dst.long()))
-        return indices
+        prob = outputs["pred_logits"][..., 0].sigmoid()  # [b, t, q] (binary: class 0)
+        valid = torch.stack([t["valid"] for t in targets]).to(prob)[..., None]  # [b, t, 1]
+        a, g = self.alpha, 2.0
+        neg = (1 - a) * prob**g * (-(1 - prob + 1e-8).log())
+        pos = a * (1 - prob) ** g * (-(prob + 1e-8).log())
+        # mean over the valid frames; 0 for a clip without any
+        cost_class = ((pos - neg) * valid).sum(1) / valid.sum(1).clamp(min=1)  # [b, q]
+        boxes = outputs["pred_boxes"]  # [b, t, q, 4]
+        tgt_boxes = torch.stack([t["boxes"] for t in targets]).to(boxes)[:, :, None].expand_as(boxes)
+        cost_bbox = (boxes - tgt_boxes).abs().sum(-1).mean(1)  # [b, q]
+        cost_giou = -paired_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)).mean(1)
+        pred = outputs["pred_masks"].transpose(1, 2).flatten(2)  # [b, t, q, h, w] -> [b, q, (t h w)]
+        tgt = target_masks.to(pred).flatten(1)[:, None]  # [b, 1, (t h w)]
+        cost_mask = focal_cost(pred, tgt, self.alpha)
+        cost_dice = -dice_coef(pred, tgt)
+        cost = (self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+                + self.cost_mask * cost_mask + self.cost_dice * cost_dice)  # [b, q]
+        return cost.argmin(1)

@@ -168,3 +168,19 @@ def test_expressions_sharing_a_clip_equal_the_clip_repeated():
     assert not torch.allclose(shared["pred_masks"][0], shared["pred_masks"][2])  # same clip, other expression
     with pytest.raises(ValueError, match="multiple"):
         model(images, mask, ids[:5], attn[:5], sizes.repeat(3, 1)[:5])
+
+
+def test_cuda_attention_avoids_the_cudnn_kernel_that_plans_per_shape():
+    from bifit.models.bifit import attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with attention_kernels(torch.device("cuda")):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        with attention_kernels(torch.device("cpu")):
+            assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU runs are left as they are
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -44,15 +44,24 @@ def _outputs_with_perfect_query(q_star=2, t=2, q=4, h=8, w=8):
 
 def test_matcher_picks_the_query_that_fits_and_losses_are_small_for_it():
     outputs, targets = _outputs_with_perfect_query()
-    indices = VideoMatcher()(outputs, targets)
-    assert indices[0][0].tolist() == [2]
+    assert VideoMatcher()(outputs, targets).tolist() == [2]
     cfg = Config(model=ModelConfig(aux_loss=False))
     losses = build_criterion(cfg)(outputs, targets)
     assert losses["loss_bbox"].item() == 0 and abs(losses["loss_giou"].item()) < 1e-6
     assert losses["loss_dice"].item() < 0.01
     # moving the best query elsewhere changes the match
     outputs2, _ = _outputs_with_perfect_query(q_star=0)
-    assert VideoMatcher()(outputs2, targets)[0][0].tolist() == [0]
+    assert VideoMatcher()(outputs2, targets).tolist() == [0]
+
+
+def test_matcher_costs_every_clip_at_once():
+    first, targets = _outputs_with_perfect_query(q_star=2)
+    second, more = _outputs_with_perfect_query(q_star=1)
+    batch = {k: torch.cat([first[k], second[k]]) for k in first}
+    matched = VideoMatcher()(batch, targets + more)
+    assert matched.tolist() == [2, 1] and matched.dtype == torch.long
+    more[0]["valid"] = torch.tensor([0, 0])  # a clip without a valid frame has no class cost, still matched
+    assert VideoMatcher()(batch, targets + more).tolist() == [2, 1]
 
 
 def test_invalid_frames_only_change_the_class_term():

@@ -56,11 +56,11 @@ class NonFiniteBoxesOnCall(nn.Module):
         return outputs
 
 
-def test_nonfinite_model_outputs_are_named_before_the_matcher_sees_them(cfg):
+def test_nonfinite_model_outputs_are_named_not_blamed_on_the_loss(cfg):
     run = ToyRun(cfg)
     run.model = NonFiniteBoxesOnCall(run.model, call=1)
-    with pytest.raises(NonFiniteLossError, match=r"^epoch 0 step 1: non-finite model output\(s\) pred_boxes \(loss "
-                                                 r"not computed\) on samples \['video \w+ exp_id \d+ obj_id \d+"):
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 0 step 1: non-finite model output\(s\) pred_boxes \(the loss "
+                                                 r"is not used\) on samples \['video \w+ exp_id \d+ obj_id \d+"):
         run.epoch(0)
 
 
