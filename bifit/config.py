@@ -202,6 +202,10 @@ class EvalConfig:
     threshold: float = 0.5
     num_frames: int | None = None  # inference window in frames; null = the whole video in one pass (YTVOS)
     batch_expressions: int = 8  # expressions of one video run together on its shared visual features
+    # where inference runs: auto = cuda when torch sees a GPU, else cpu; cuda without a GPU is refused when an
+    # evaluation starts (bifit.inference.resolve_device), not here: loading params must work on any machine
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False  # bfloat16 autocast for the forward pass (CPU too); mask logits are thresholded in float32
 
     def validate(self, where: str = "eval"):
         _check(0 < self.threshold < 1, f"{where}.threshold", "a float in (0, 1)", self.threshold)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from bifit.data.collate import tokenize
+from bifit.inference import float32_outputs, inference_autocast, model_device, resolve_device, to_device
 from bifit.models.postprocess import video_masks
 
 
@@ -28,16 +29,19 @@ class VideoDetails:
 
 @torch.no_grad()
 def describe_video(model, tokenizer, frames: torch.Tensor, caption: str, orig_size: tuple[int, int],
-                   threshold: float = 0.5) -> VideoDetails:
-    """frames [t, 3, h, w] normalised and unpadded (as `bifit.data.load_video` returns them)."""
+                   threshold: float = 0.5, amp: bool = False) -> VideoDetails:
+    """frames [t, 3, h, w] normalised and unpadded (as `bifit.data.load_video` returns them); runs on the
+    model's device (``amp``: bfloat16 autocast, outputs read in float32), results as NumPy arrays."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     t, _, h, w = frames.shape
-    clip = frames.to(device)[None]  # [1, t, 3, h, w]
+    clip = to_device(frames, device)[None]  # [1, t, 3, h, w]
     image_mask = torch.zeros((1, t, h, w), dtype=torch.bool, device=device)
     input_ids, attention_mask = tokenize(tokenizer, [caption])
-    outputs = model(clip, image_mask, input_ids.to(device), attention_mask.to(device),
-                    torch.tensor([[h, w]], device=device), with_aux=False)
+    with inference_autocast(device, amp):
+        outputs = model(clip, image_mask, to_device(input_ids, device), to_device(attention_mask, device),
+                        torch.tensor([[h, w]], device=device), with_aux=False)
+    outputs = float32_outputs(outputs)
     masks, probs, best, _ = video_masks(outputs, (h, w), orig_size, threshold)
     scores = outputs["pred_logits"][0].sigmoid().amax(-1)  # [t, q]
     refs = outputs.get("reference_points")
@@ -48,8 +52,11 @@ def describe_video(model, tokenizer, frames: torch.Tensor, caption: str, orig_si
         boxes=outputs["pred_boxes"][0].float().cpu().numpy())
 
 
-def load_model_for_inspection(path, text_encoder_fallback: str | None = None, device: str = "cpu"):
-    """(model in eval mode, tokenizer, the checkpoint's settings dict) from one of our checkpoints.
+def load_model_for_inspection(path, text_encoder_fallback: str | None = None, device: str = "auto"):
+    """(model in eval mode on ``device``, tokenizer, the checkpoint's settings dict) from one of our checkpoints.
+
+    device: auto | cpu | cuda, as params.yaml `eval.device` (auto: cuda when torch sees a GPU); cuda without a
+    GPU raises before the checkpoint is read.
 
     text_encoder_fallback: a hub id or directory used when the checkpoint's `model.text_encoder` is a directory
     that does not exist here (trained on another machine); only its architecture and tokenizer are used, the
@@ -63,6 +70,7 @@ def load_model_for_inspection(path, text_encoder_fallback: str | None = None, de
     from bifit.config import ModelConfig, from_dict
     from bifit.models import build_model
 
+    device = resolve_device(device, "device (the notebooks' parameter; default params.yaml eval.device)")
     ckpt = load_checkpoint(path)
     model_cfg = from_dict(ModelConfig, dict(ckpt["config"]["model"]), "model")
     if Path(model_cfg.text_encoder).is_absolute() and not Path(model_cfg.text_encoder).exists():
@@ -70,7 +78,7 @@ def load_model_for_inspection(path, text_encoder_fallback: str | None = None, de
             raise FileNotFoundError(f"{path}: model.text_encoder {model_cfg.text_encoder} does not exist here; "
                                     "pass text_encoder_fallback (e.g. data/synthetic/text-encoder)")
         model_cfg.text_encoder = str(text_encoder_fallback)
-    if model_cfg.msda_backend == "cuda" and device == "cpu":
+    if model_cfg.msda_backend == "cuda" and device.type == "cpu":
         model_cfg.msda_backend = "auto"
     model = build_model(model_cfg)
     load_state_dict_strict(model, ckpt["model"], f"checkpoint {path}")

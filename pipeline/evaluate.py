@@ -3,9 +3,10 @@ with the expressions shuffled between videos (a model that ignores language scor
 
     python -m pipeline.evaluate [--params params.yaml]
 
-Writes metrics/ytvos.json (jf, j, f, jf_shuffled, ...), plots/ytvos_per_video.csv, the predicted masks
-(`paths.predictions/<video>/<exp_id>/<frame>.png`, 0/255 "L" PNGs at the original size) and logs the
-metrics to the training run in MLflow.
+Writes metrics/ytvos.json (jf, j, f, jf_shuffled, ..., and how they were computed: `device`, `amp`),
+plots/ytvos_per_video.csv, the predicted masks (`paths.predictions/<video>/<exp_id>/<frame>.png`, 0/255 "L" PNGs
+at the original size) and logs the metrics (and the params `ytvos_eval_device`, `ytvos_eval_amp`) to the
+training run in MLflow. Inference runs on `eval.device` (auto: the GPU when torch sees one) with `eval.amp`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from bifit.checkpoint import load_checkpoint, load_state_dict_strict
 from bifit.data import inference_expressions, load_gt_masks, load_video
 from bifit.eval.davis import boundary_measure, region_similarity
-from bifit.inference import predict_video
+from bifit.inference import inference_settings, predict_video, resolve_device
 from pipeline.config import PipelineConfig, load_pipeline_config
 
 log = logging.getLogger("pipeline.evaluate")
@@ -54,15 +55,35 @@ def shuffled_captions(expressions, seed: int) -> list[str]:
     return shuffled
 
 
-def build_from_checkpoint(cfg: PipelineConfig, path: Path):
+def build_from_checkpoint(cfg: PipelineConfig, path: Path, device: torch.device | None = None):
+    """(model in eval mode on `device`, tokenizer, checkpoint dict); device None: `eval.device` resolved (a
+    missing GPU stops here, before the checkpoint is read)."""
     from transformers import AutoTokenizer
 
     from bifit.models import build_model
 
+    device = device or resolve_device(cfg.eval.device)
     ckpt = load_checkpoint(path)
     model = build_model(cfg.model)
     load_state_dict_strict(model, ckpt["model"], f"checkpoint {path}")
-    return model.eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder), ckpt
+    # moved once: every inference function runs where the model's parameters are
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder), ckpt
+
+
+def log_eval_settings(client, run_id: str, name: str, settings: dict) -> None:
+    """`<name>_eval_device` / `<name>_eval_amp` as params of an MLflow run. MLflow params cannot change: a rerun
+    computed another way records its values as tags of the same names instead, with a warning."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    values = {f"{name}_eval_{k}": str(v) for k, v in settings.items()}
+    try:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
+    except MlflowException as err:
+        log.warning("run %s already records other evaluation settings (%s); this evaluation's are tags: %s",
+                    run_id, err, values)
+        for k, v in values.items():
+            client.set_tag(run_id, k, v)
 
 
 def save_masks(folder: Path, frames, masks: torch.Tensor) -> None:
@@ -88,7 +109,8 @@ def evaluate(cfg: PipelineConfig, model, tokenizer, out_dir: Path | None, max_ex
         first = expressions[idx[0]]
         frames, orig_size = load_video(root, video, first.frames, "valid", short_side=cfg.data.eval_short_side)
         preds = {suffix: predict_video(model, tokenizer, frames, [caps[i] for i in idx], orig_size,
-                                       cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions)
+                                       cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions,
+                                       cfg.eval.amp)
                  for suffix, caps in captions.items()}
         for k, i in enumerate(idx):
             e = expressions[i]
@@ -109,6 +131,7 @@ def evaluate(cfg: PipelineConfig, model, tokenizer, out_dir: Path | None, max_ex
                                                               "f_shuffled")}
     metrics["jf_gain_over_shuffled"] = metrics["jf"] - metrics["jf_shuffled"]
     metrics["num_expressions"] = len(rows)
+    metrics.update(inference_settings(model, cfg.eval.amp))
     return metrics, rows, {v: float(np.mean(s)) for v, s in per_video.items()}
 
 
@@ -118,8 +141,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_pipeline_config(args.params)
+    device = resolve_device(cfg.eval.device, f"{args.params}: eval.device")  # before any work
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tokenizer, ckpt = build_from_checkpoint(cfg, cfg.path("model"))
+    model, tokenizer, ckpt = build_from_checkpoint(cfg, cfg.path("model"), device)
     metrics, rows, per_video = evaluate(cfg, model, tokenizer, cfg.path("predictions"))
     cfg.path("metrics").mkdir(parents=True, exist_ok=True)
     cfg.path("plots").mkdir(parents=True, exist_ok=True)
@@ -130,13 +154,16 @@ def main(argv=None) -> dict:
     run_id = ckpt.get("mlflow_run_id")
     if run_id:
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
         with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({f"ytvos_{k}": v for k, v in metrics.items()})
+            mlflow.log_metrics({f"ytvos_{k}": v for k, v in metrics.items()
+                                if isinstance(v, int | float) and not isinstance(v, bool)})
+            log_eval_settings(MlflowClient(), run_id, "ytvos", inference_settings(model, cfg.eval.amp))
             mlflow.log_artifact(str(cfg.path("plots") / "ytvos_per_video.csv"), artifact_path="plots")
-    log.info("J&F %.4f (J %.4f, F %.4f); with shuffled expressions J&F %.4f", metrics["jf"], metrics["j"],
-             metrics["f"], metrics["jf_shuffled"])
+    log.info("J&F %.4f (J %.4f, F %.4f); with shuffled expressions J&F %.4f (on %s, amp %s)", metrics["jf"],
+             metrics["j"], metrics["f"], metrics["jf_shuffled"], metrics["device"], metrics["amp"])
     return metrics
 
 

@@ -3,8 +3,10 @@
     python -m pipeline.evaluate_dataset --dataset {ytvos,ytvos_proxy,davis,a2d,jhmdb} [--params params.yaml]
         [--predictions DIR] [--plot CSV]
 
-The model is `datasets.<name>.checkpoint` (built with the `model` section). Each writes
-`<paths.metrics>/<name>.json` (fractions in [0, 1]; `eval_seconds` is the wall time of this evaluation):
+The model is `datasets.<name>.checkpoint` (built with the `model` section), run on `eval.device` (auto: the GPU
+when torch sees one; cuda without one stops before the checkpoint is read) with `eval.amp` (bfloat16 autocast).
+Each writes `<paths.metrics>/<name>.json` (fractions in [0, 1]; `eval_seconds` is the wall time of this
+evaluation; `device` and `amp` say how it was computed):
 
 - ytvos: Ref-YouTube-VOS valid, whole-video inference (pipeline/evaluate.py). With local GT (the synthetic
   set) J, F, J&F and the shuffled-expression control (keys `jf`, `j`, `f`, `jf_shuffled`, ...); with the real
@@ -18,7 +20,8 @@ The model is `datasets.<name>.checkpoint` (built with the `model` section). Each
   their frames (the loader resizes the mask to the frames, as the official transforms do).
 
 MLflow: the metrics, prefixed `<name>_`, go to the training run recorded in the checkpoint when the tracking
-store has it, otherwise to a new run `evaluate-<name>` of the `mlflow.experiment`.
+store has it, otherwise to a new run `evaluate-<name>` of the `mlflow.experiment`; the params `<name>_eval_device`
+and `<name>_eval_amp` go with them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bifit.inference import inference_settings, resolve_device
 from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config
 from pipeline.preprocess import prepared_root
 
@@ -60,16 +64,18 @@ def checkpoint_path(cfg: PipelineConfig, name: str) -> Path:
     return cfg.datasets.resolve(getattr(cfg.datasets, name).checkpoint)
 
 
-def load_model(cfg: PipelineConfig, path: Path):
-    """(model, tokenizer, checkpoint dict) from one of our checkpoints or an official BIFIT one (ytvos_r50.pth,
-    a2d_r50.pth: built with the `model` section, e.g. the paper overlay)."""
+def load_model(cfg: PipelineConfig, path: Path, device: torch.device | None = None):
+    """(model on `device`, tokenizer, checkpoint dict) from one of our checkpoints or an official BIFIT one
+    (ytvos_r50.pth, a2d_r50.pth: built with the `model` section, e.g. the paper overlay). device None:
+    `eval.device` resolved."""
     from bifit.checkpoint import CheckpointError, load_official
     from pipeline.evaluate import build_from_checkpoint
 
+    device = device or resolve_device(cfg.eval.device)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found (datasets.*.checkpoint in params.yaml)")
     try:
-        return build_from_checkpoint(cfg, path)
+        return build_from_checkpoint(cfg, path, device)
     except CheckpointError:
         from transformers import AutoTokenizer
 
@@ -78,7 +84,8 @@ def load_model(cfg: PipelineConfig, path: Path):
         model = build_model(cfg.model)
         extra = load_official(path, model)
         log.info("%s: official checkpoint loaded", path)
-        return model.eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder), {"official": extra.get("epoch")}
+        return (model.to(device).eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder),
+                {"official": extra.get("epoch")})
 
 
 def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
@@ -121,7 +128,8 @@ def predict_ytvos_valid(cfg, model, tokenizer, root: Path, pred_dir: Path, plot:
         frames, orig_size = load_video(root, video, exps[0].frames, "valid", short_side=cfg.data.eval_short_side)
         # raw captions: the submission must use the tokens the official inference feeds
         preds = predict_video(model, tokenizer, frames, [e.caption for e in exps], orig_size,
-                              cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions)
+                              cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions,
+                              cfg.eval.amp)
         for e, p in zip(exps, preds):
             save_masks(pred_dir / e.video / e.exp_id, e.frames, p.masks)
     write_rows(plot, ["video", "jf"], [])
@@ -137,7 +145,7 @@ def eval_ytvos_proxy(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
     metrics, rows = evaluate_proxy(model, tokenizer, Path(cfg.data.root), videos,
                                    short_side=cfg.data.eval_short_side, window=cfg.eval.num_frames or None,
                                    threshold=cfg.eval.threshold, batch=cfg.eval.batch_expressions, out_dir=pred_dir,
-                                   skip_bad_samples=cfg.data.skip_bad_samples)
+                                   skip_bad_samples=cfg.data.skip_bad_samples, amp=cfg.eval.amp)
     per_video: dict[str, list[float]] = {}
     for r in rows:
         per_video.setdefault(r["video"], []).append(r["jf"])
@@ -151,7 +159,8 @@ def eval_davis(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
 
     result = evaluate_ref_davis_model(model, tokenizer, prepared_root(cfg, "davis"), pred_dir,
                                       short_side=cfg.data.eval_short_side, clip_length=cfg.datasets.davis.clip_length,
-                                      batch=cfg.eval.batch_expressions, skip_bad_samples=cfg.data.skip_bad_samples)
+                                      batch=cfg.eval.batch_expressions, skip_bad_samples=cfg.data.skip_bad_samples,
+                                      amp=cfg.eval.amp)
     write_rows(plot, ["video", "jf"], [[s, f"{v:.6f}"] for s, v in result.per_sequence().items()])
     # left by older versions; it scored expressions against unsupervised ids, which name other objects
     (pred_dir / "per_expression.csv").unlink(missing_ok=True)
@@ -202,6 +211,9 @@ def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | N
                   artifacts: list[Path]) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import log_eval_settings
 
     mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
     values = {mlflow_metric_name(name, k): float(v) for k, v in metrics.items()
@@ -220,6 +232,7 @@ def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | N
                            "source": getattr(source, "source", "unknown")})
     with run:
         mlflow.log_metrics(values)
+        log_eval_settings(MlflowClient(), run.info.run_id, name, {k: metrics[k] for k in ("device", "amp")})
         for path in artifacts:
             if path.is_file():
                 mlflow.log_artifact(str(path), artifact_path=f"eval/{name}")
@@ -227,16 +240,19 @@ def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | N
 
 
 def evaluate_dataset(cfg: PipelineConfig, name: str, predictions: Path | None = None, plot: Path | None = None,
-                     use_mlflow: bool = True) -> dict:
+                     use_mlflow: bool = True, source: str = "params.yaml") -> dict:
+    """Run evaluation `name` on `eval.device` (`source`: the params file, named in errors)."""
     if name not in EVALUATIONS:
         raise KeyError(f"--dataset: expected one of {', '.join(EVALUATIONS)}, got {name!r}")
+    device = resolve_device(cfg.eval.device, f"{source}: eval.device")  # a missing GPU stops before any work
     default_pred, default_plot = default_outputs(cfg, name)
     pred_dir, plot = Path(predictions or default_pred), Path(plot or default_plot)
     ckpt_path = checkpoint_path(cfg, name)
     start = time.perf_counter()
-    model, tokenizer, ckpt = load_model(cfg, ckpt_path)
+    model, tokenizer, ckpt = load_model(cfg, ckpt_path, device)
     metrics = EVALUATORS[name](cfg, model, tokenizer, pred_dir, plot)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    metrics.update(inference_settings(model, cfg.eval.amp))
     out = cfg.path("metrics") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=1) + "\n")
@@ -255,9 +271,10 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_pipeline_config(args.params)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    metrics = evaluate_dataset(cfg, args.dataset, args.predictions, args.plot)
+    metrics = evaluate_dataset(cfg, args.dataset, args.predictions, args.plot, source=args.params)
     shown = {k: v for k, v in metrics.items() if k in ("jf", "j", "f", "mAP 0.5:0.95", "overall_iou", "mean_iou",
-                                                       "eval_seconds", "num_expressions", "num_samples")}
+                                                       "eval_seconds", "num_expressions", "num_samples", "device",
+                                                       "amp")}
     log.info("%s: %s", args.dataset, json.dumps(shown))
     return metrics
 

@@ -94,8 +94,15 @@ def trial_config(cfg: PipelineConfig, variant: dict, seed: int) -> PipelineConfi
     return from_dict(PipelineConfig, d).validate()
 
 
+def eval_identity(cfg: PipelineConfig) -> dict:
+    """The eval settings that decide a trial's numbers. Not `device` (it changes float rounding, not the method);
+    `amp` only when on, so the keys of results computed before it existed (all float32) stay valid."""
+    settings = {k: v for k, v in to_dict(cfg.eval).items() if k not in ("device", "amp")}
+    return {**settings, "amp": True} if cfg.eval.amp else settings
+
+
 def trial_key(cfg: PipelineConfig) -> str:
-    evaluation = {"eval": to_dict(cfg.eval), "eval_short_side": cfg.data.eval_short_side,
+    evaluation = {"eval": eval_identity(cfg), "eval_short_side": cfg.data.eval_short_side,
                   "benchmark": cfg.tune.benchmark, "max_expressions": cfg.tune.eval_max_expressions}
     blob = json.dumps({"training": cfg.training_dict(), "evaluation": evaluation}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -115,13 +122,23 @@ def plan_trials(cfg: PipelineConfig, source: str = "params.yaml") -> list[TrialS
     return trials
 
 
+def check_eval_device(cfg: PipelineConfig, source: str = "params.yaml") -> None:
+    """On a local Ray the trials evaluate on this machine: eval.device cuda without a GPU here stops the sweep
+    before Ray starts. On a cluster each trial checks its own node before training."""
+    if cfg.ray.resolved_address():
+        return
+    from bifit.inference import resolve_device
+
+    resolve_device(cfg.eval.device, f"{source}: eval.device")
+
+
 def sweep_hash(cfg: PipelineConfig) -> str:
     """Identifies the sweep: the base training settings, evaluation, the grid, the seeds and the trial budget
     (not the resources: rerunning with another concurrency continues the same sweep)."""
     t = cfg.tune
     what = {"grid": t.grid, "seeds": t.seeds, "trial_overrides": t.trial_overrides,
             "benchmark": t.benchmark, "eval_max_expressions": t.eval_max_expressions, "experiment": t.experiment}
-    blob = json.dumps({"training": cfg.training_dict(), "eval": to_dict(cfg.eval), "tune": what},
+    blob = json.dumps({"training": cfg.training_dict(), "eval": eval_identity(cfg), "tune": what},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -225,10 +242,14 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import build_from_checkpoint
+    from bifit.inference import inference_settings, resolve_device
+    from pipeline.evaluate import build_from_checkpoint, log_eval_settings
     from pipeline.train import run_dir, run_training
 
     cfg = spec.cfg
+    # evaluated in this trial actor; Ray reserves no GPU for it (its workers hold them while training), but it
+    # sees the node's GPUs: eval.device auto uses one when there is one, cuda without one fails before training
+    device = resolve_device(cfg.eval.device)
     folder = run_dir(cfg)
     run_id = start_child_run(spec, parent_run_id, sweep, folder)
     client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
@@ -236,8 +257,9 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     try:
         out = run_training(cfg)
         torch.set_num_threads(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
-        model, tokenizer, _ = build_from_checkpoint(cfg, Path(out["final"]["path"]))
+        model, tokenizer, _ = build_from_checkpoint(cfg, Path(out["final"]["path"]), device)
         metrics, per_video = evaluate_trial(cfg, model, tokenizer, folder)
+        log_eval_settings(client, run_id, cfg.tune.benchmark, inference_settings(model, cfg.eval.amp))
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -259,16 +281,20 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
 
 
 def evaluate_trial(cfg: PipelineConfig, model, tokenizer, folder: Path) -> tuple[dict, dict | None]:
-    """(metrics, J&F per video or None) on `tune.benchmark`; ytvos: the first `tune.eval_max_expressions`."""
+    """(metrics, J&F per video or None) on `tune.benchmark`; ytvos: the first `tune.eval_max_expressions`. Runs
+    where the model is, with `eval.amp`; the metrics record both (`device`, `amp`)."""
+    from bifit.inference import inference_settings
     from pipeline.evaluate import evaluate
 
     name = cfg.tune.benchmark
     if name == "ytvos":
         metrics, _, per_video = evaluate(cfg, model, tokenizer, None, cfg.tune.eval_max_expressions)
-        return metrics, per_video
-    from pipeline.evaluate_dataset import EVALUATORS
+    else:
+        from pipeline.evaluate_dataset import EVALUATORS
 
-    return EVALUATORS[name](cfg, model, tokenizer, folder / f"eval-{name}", folder / f"eval-{name}.csv"), None
+        metrics = EVALUATORS[name](cfg, model, tokenizer, folder / f"eval-{name}", folder / f"eval-{name}.csv")
+        per_video = None
+    return {**metrics, **inference_settings(model, cfg.eval.amp)}, per_video
 
 
 def metric_names(benchmark: str, results: list[dict]) -> list[str]:
@@ -308,6 +334,9 @@ def child_run_of_sweep(spec: TrialSpec, result: dict, parent_run_id: str, sweep:
             **{k: _value_text(v) for k, v in spec.variant.items()}}
     run = client.create_run(_experiment_id(client, spec.cfg), run_name=f"{spec.name} seed={spec.seed}", tags=tags)
     params = [Param(k, str(v)[:500]) for k, v in flatten(spec.cfg.training_dict()).items()]
+    prefix, metrics = result.get("benchmark", "ytvos"), result["metrics"]
+    # how the stored result was evaluated (absent from results stored before it was recorded)
+    params += [Param(f"{prefix}_eval_{k}", str(metrics[k])) for k in ("device", "amp") if k in metrics]
     client.log_batch(run.info.run_id, metrics=_mlflow_metrics(result), params=params)
     client.set_terminated(run.info.run_id, status="FINISHED")
     linked[spec.key] = run.info.run_id
@@ -323,7 +352,8 @@ def _mlflow_metrics(result: dict) -> list:
     values = {re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"{prefix}_{k}"): v for k, v in result["metrics"].items()}
     values.update(wall_seconds=result["wall_seconds"], num_parameters=result["num_parameters"],
                   final_train_loss=result["train_loss"])
-    return [Metric(k, float(v), ts, 0) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)]
+    return [Metric(k, float(v), ts, 0) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def run_trial(config: dict, specs: dict, parent_run_id: str, sweep: str) -> None:
@@ -355,6 +385,7 @@ def _config_id(config: dict) -> str:
 def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: str = "params.yaml") -> dict:
     """Plan, run the missing trials on Ray Tune, write the tables. Returns {"trials", "variants", "failed", ...}."""
     trials = plan_trials(cfg, source)  # every bad value is reported before Ray starts
+    check_eval_device(cfg, source)
     sweep = sweep_hash(cfg)
     storage = _absolute(cfg.tune.storage_path)
     sweep_dir = storage / "sweeps" / sweep
@@ -442,7 +473,8 @@ def trial_row(result: dict, grid: dict, names: list[str]) -> dict:
     row.update({k: float(m.get(k, math.nan)) for k in names})
     row.update(num_expressions=m.get("num_expressions"), train_loss=result["train_loss"],
                train_steps=result["train_steps"], num_parameters=result["num_parameters"],
-               wall_seconds=result["wall_seconds"], mlflow_run_id=result["mlflow_run_id"], trial_key=result["key"])
+               wall_seconds=result["wall_seconds"], mlflow_run_id=result["mlflow_run_id"], trial_key=result["key"],
+               eval_device=m.get("device"), eval_amp=m.get("amp"))  # None: stored before they were recorded
     return row
 
 

@@ -62,6 +62,8 @@ IMPLEMENTATION_ONLY = {
     "train.skip_nonfinite_batches": "a fault-tolerance switch",
     "train.deterministic": "deterministic CUDA kernels",
     "eval.batch_expressions": "expressions run together on one video's shared features",
+    "eval.device": "where inference runs (auto: the GPU when there is one)",
+    "eval.amp": "bfloat16 autocast at inference (off: float32, as the official inference)",
 }
 
 # The official recipes' schedules: overlay files (applied after params.yaml, in order) -> values.

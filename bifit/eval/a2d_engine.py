@@ -4,7 +4,9 @@ Batched centred-clip inference: each sample is a T-frame clip around its annotat
 the model runs on the annotated frame (pitfall 19). The official post-processing per sample: a score per query
 ``sigmoid(pred_logits[:, 0, :, 0])``; every query's mask logits upsampled x4 bilinearly in the padded batch
 space, ``sigmoid > 0.5`` (hard-coded, ``eval.threshold`` does not apply), cropped to the resized size and
-resized to the original size with nearest neighbour (:func:`bifit.models.postprocess.a2d_masks`).
+resized to the original size with nearest neighbour (:func:`bifit.models.postprocess.a2d_masks`). Inference runs
+on the model's device, batches pinned there when it is a GPU; ``eval.amp`` runs the forward pass under bfloat16
+autocast and the outputs are read in float32 (scores and masks are never decided in bfloat16).
 
 Scoring is :mod:`bifit.eval.a2d`: the GT is the COCO GT JSON of the preprocess stage; P@K, overall and mean IoU
 use the highest-scoring query; mAP comes in two protocols:
@@ -57,6 +59,7 @@ from bifit.eval.a2d import (
     sample_iou,
     select_queries,
 )
+from bifit.inference import float32_outputs, inference_autocast, inference_settings, model_device, to_device
 from bifit.models.postprocess import a2d_masks
 
 log = logging.getLogger(__name__)
@@ -148,13 +151,14 @@ def postprocess_batch(outputs: dict, targets: list[dict]) -> list[tuple[torch.Te
 @torch.no_grad()
 def run_inference(model, tokenizer, dataset: CentredClipDataset, gt: dict, batch_size: int = 2,
                   num_workers: int = 0, keep_rles: bool = False, progress: bool = True,
-                  desc: str = "A2D inference") -> tuple[list[SampleCounts], list[dict]]:
-    """Run the model over ``dataset`` in order and count pixels against the GT. Returns (counts, skipped), the
-    skipped samples (dataset with skip_bad_samples) as {"file", "id", "reason", "index"}."""
-    device = next(model.parameters()).device
+                  desc: str = "A2D inference", amp: bool = False) -> tuple[list[SampleCounts], list[dict]]:
+    """Run the model over ``dataset`` in order and count pixels against the GT, on the model's device (``amp``:
+    bfloat16 autocast). Returns (counts, skipped), the skipped samples (dataset with skip_bad_samples) as
+    {"file", "id", "reason", "index"}."""
+    device = model_device(model)
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skipping)
+                        collate_fn=collate_skipping, pin_memory=device.type == "cuda")
     results, skipped = [], []
     with tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress) as bar:
         for batch, skipped_here in loader:
@@ -162,8 +166,13 @@ def run_inference(model, tokenizer, dataset: CentredClipDataset, gt: dict, batch
             bar.update(len(skipped_here) + (len(batch.targets) if batch is not None else 0))
             if batch is None:
                 continue
+            # the clips first, asynchronously from pinned memory; batch_inputs then moves the rest
+            batch = batch._replace(images=to_device(batch.images, device),
+                                   image_mask=to_device(batch.image_mask, device))
             inputs, targets = batch_inputs(batch, tokenizer, device)
-            outputs = model(**inputs, with_aux=False)
+            with inference_autocast(device, amp):
+                outputs = model(**inputs, with_aux=False)
+            outputs = float32_outputs(outputs)
             for target, (scores, masks) in zip(targets, postprocess_batch(outputs, targets)):
                 iid = target["image_id"]
                 gt_m = torch.from_numpy(gt_mask(gt, iid)).to(masks.device)
@@ -238,8 +247,9 @@ def write_outputs(out_dir: Path, metrics: dict, counts: list[SampleCounts], skip
 
 def evaluate_dataset(model, tokenizer, dataset: CentredClipDataset, gt_json: Path, out_dir: Path | None,
                      batch_size: int = 2, num_workers: int = 0, backend: str = "fast", progress: bool = True,
-                     name: str = "a2d") -> dict[str, float]:
-    """Inference + scoring of one prepared dataset; writes the outputs when ``out_dir`` is given."""
+                     name: str = "a2d", amp: bool = False) -> dict[str, float]:
+    """Inference (on the model's device; ``amp``: bfloat16 autocast) + scoring of one prepared dataset; writes
+    the outputs when ``out_dir`` is given."""
     start = time.perf_counter()
     gt = load_coco_gt(gt_json)
     unknown = [s["image_id"] for s in dataset.samples if s["image_id"] not in gt["annotations"]]
@@ -247,7 +257,7 @@ def evaluate_dataset(model, tokenizer, dataset: CentredClipDataset, gt_json: Pat
         raise ValueError(f"{dataset.index_path}: {len(unknown)} samples have no GT in {gt_json}, e.g. {unknown[:3]}")
     counts, skipped = run_inference(model, tokenizer, dataset, gt, batch_size, num_workers,
                                     keep_rles=backend == "pycocotools", progress=progress,
-                                    desc=f"{name} inference")
+                                    desc=f"{name} inference", amp=amp)
     inference_s = time.perf_counter() - start
     metrics = score(counts, gt, backend)
     metrics["num_samples"] = len(counts)
@@ -257,6 +267,7 @@ def evaluate_dataset(model, tokenizer, dataset: CentredClipDataset, gt_json: Pat
                     len(skipped))
     info = {"dataset": name, "protocols": PROTOCOLS, "metrics_scale": "fractions in [0, 1]", "backend": backend,
             "mask_threshold": MASK_THRESHOLD, "num_frames": dataset.num_frames, "batch_size": batch_size,
+            **inference_settings(model, amp),
             "gt_json": str(gt_json), "gt_images": len(gt["images"]), "inference_seconds": round(inference_s, 3),
             "total_seconds": round(time.perf_counter() - start, 3)}
     if out_dir is not None:
@@ -278,13 +289,13 @@ def evaluate_a2d(model, tokenizer, root, cfg, out_dir, *, backend: str = "fast",
 
     Settings from ``cfg`` (a :class:`bifit.config.Config`): ``data.num_frames`` (T of the centred clip, the
     reference's ``--num_frames``), ``data.eval_short_side`` / ``data.max_size`` (RandomResize([360], 640) in the
-    paper setting), ``data.skip_bad_samples``, ``data.num_workers`` and ``train.batch_size`` (the reference
-    evaluates with its ``--batch_size``).
+    paper setting), ``data.skip_bad_samples``, ``data.num_workers``, ``train.batch_size`` (the reference
+    evaluates with its ``--batch_size``) and ``eval.amp``; the model's device is where inference runs.
     """
     transforms, num_frames, skip = _settings(cfg)
     dataset = A2DDataset(root, "test", num_frames, transforms, skip_bad_samples=skip)
     return evaluate_dataset(model, tokenizer, dataset, Path(root) / A2D_COCO_GT_JSON, out_dir, cfg.train.batch_size,
-                            cfg.data.num_workers, backend, progress, "a2d_sentences")
+                            cfg.data.num_workers, backend, progress, "a2d_sentences", cfg.eval.amp)
 
 
 def evaluate_jhmdb(model, tokenizer, root, cfg, out_dir, *, backend: str = "fast", progress: bool = True):
@@ -293,4 +304,5 @@ def evaluate_jhmdb(model, tokenizer, root, cfg, out_dir, *, backend: str = "fast
     transforms, num_frames, skip = _settings(cfg)
     dataset = JHMDBDataset(root, num_frames, transforms, skip_bad_samples=skip)
     return evaluate_dataset(model, tokenizer, dataset, Path(root) / JHMDB_COCO_GT_JSON, out_dir,
-                            cfg.train.batch_size, cfg.data.num_workers, backend, progress, "jhmdb_sentences")
+                            cfg.train.batch_size, cfg.data.num_workers, backend, progress, "jhmdb_sentences",
+                            cfg.eval.amp)

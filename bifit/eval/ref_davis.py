@@ -46,6 +46,7 @@ from bifit.eval.davis import (
     evaluate_unsupervised,
     global_table,
 )
+from bifit.inference import float32_outputs, inference_autocast, model_device, to_device
 from bifit.models.postprocess import video_masks
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,13 @@ def merge_probabilities(probs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_label_maps(model, tokenizer, frames: torch.Tensor, captions: Sequence[Sequence[str]],
-                       orig_size: tuple[int, int], clip_length: int = CLIP_LENGTH, batch: int = 8) -> np.ndarray:
-    """frames [T, 3, h, w] (normalised, unpadded), captions [object k][annotator a] -> labels [A, T, H, W] uint8."""
-    device = next(model.parameters()).device
+                       orig_size: tuple[int, int], clip_length: int = CLIP_LENGTH, batch: int = 8,
+                       amp: bool = False) -> np.ndarray:
+    """frames [T, 3, h, w] (normalised, unpadded), captions [object k][annotator a] -> labels [A, T, H, W] uint8.
+
+    Runs and merges on the model's device (``amp``: bfloat16 autocast, probabilities in float32); only each
+    clip's label maps come back to the CPU."""
+    device = model_device(model)
     t, _, h, w = frames.shape
     n_ann = len(captions[0]) if captions else NUM_ANNOTATORS
     out = np.zeros((n_ann, t, *orig_size), dtype=np.uint8)
@@ -82,22 +87,25 @@ def predict_label_maps(model, tokenizer, frames: torch.Tensor, captions: Sequenc
         return out
     flat = [(k, a, c) for k, row in enumerate(captions) for a, c in enumerate(row)]  # objects in order per a
     for start in range(0, t, clip_length):
-        clip = frames[start : start + clip_length].to(device)[None]  # [1, t', 3, h, w]
+        clip = to_device(frames[start : start + clip_length], device)[None]  # [1, t', 3, h, w]
         n = clip.shape[1]
         image_mask = torch.zeros((1, n, h, w), dtype=torch.bool, device=device)
-        visual = model.encode_visual(clip, image_mask)
-        best = torch.full((n_ann, n, *orig_size), BACKGROUND_PROB)
-        labels = torch.zeros((n_ann, n, *orig_size), dtype=torch.uint8)
+        with inference_autocast(device, amp):
+            visual = model.encode_visual(clip, image_mask)
+        best = torch.full((n_ann, n, *orig_size), BACKGROUND_PROB, device=device)
+        labels = torch.zeros((n_ann, n, *orig_size), dtype=torch.uint8, device=device)
         for first in range(0, len(flat), batch):
             chunk = flat[first : first + batch]
             input_ids, attention_mask = tokenize(tokenizer, [c for _, _, c in chunk])
-            outputs = model(None, None, input_ids.to(device), attention_mask.to(device),
-                            torch.tensor([[h, w]] * len(chunk), device=device), with_aux=False,
-                            visual=visual.repeat(len(chunk)))
+            with inference_autocast(device, amp):
+                outputs = model(None, None, to_device(input_ids, device), to_device(attention_mask, device),
+                                torch.tensor([[h, w]] * len(chunk), device=device), with_aux=False,
+                                visual=visual.repeat(len(chunk)))
+            outputs = float32_outputs(outputs)
             for j, (k, a, _) in enumerate(chunk):
                 _, probs, _, _ = video_masks(outputs, (h, w), orig_size, FOREGROUND_MIN_PROB, clip=j)
-                merge_into(best[a], labels[a], probs.float().cpu(), k + 1)
-        out[:, start : start + n] = labels.numpy()
+                merge_into(best[a], labels[a], probs.float(), k + 1)
+        out[:, start : start + n] = labels.cpu().numpy()
     return out
 
 
@@ -154,9 +162,10 @@ def write_toolkit_csvs(folder: Path, row: np.ndarray, results: dict[str, Unsuper
 def evaluate_ref_davis_model(model, tokenizer, prepared_root, out_dir: Path | None = None, *,
                              short_side: int = 360, clip_length: int = CLIP_LENGTH, batch: int = 8,
                              max_videos: int | None = None, skip_bad_samples: bool = False,
-                             progress: bool = True) -> RefDavisEvaluation:
+                             progress: bool = True, amp: bool = False) -> RefDavisEvaluation:
     """Run the model on the val sequences, save ``anno_<a>/<seq>/<frame>.png`` under ``out_dir`` (optional) and
-    score them with the Ref-DAVIS17 protocol.
+    score them with the Ref-DAVIS17 protocol. Inference runs on the model's device; ``amp``: bfloat16 autocast
+    (:func:`predict_label_maps`).
 
     A sequence with a missing or corrupt frame or annotation raises :class:`~bifit.data.ytvos.SampleError`
     (file and sequence named); with ``skip_bad_samples`` it is left out of the scores, recorded in ``skipped``
@@ -179,7 +188,7 @@ def evaluate_ref_davis_model(model, tokenizer, prepared_root, out_dir: Path | No
             log.warning("skipping Ref-DAVIS17 sequence %s: %s", video.name, err)
             skipped.append(err.record())
             continue
-        pred = predict_label_maps(model, tokenizer, frames, video.captions, orig_size, clip_length, batch)
+        pred = predict_label_maps(model, tokenizer, frames, video.captions, orig_size, clip_length, batch, amp)
         per_seq[video.name] = [evaluate_unsupervised(gt, pred[a], name=f"{video.name} (anno_{a})")
                                for a in range(n_ann)]
         num_expressions += n_ann * video.num_objects

@@ -115,8 +115,10 @@ def score_expression(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def evaluate_proxy(model, tokenizer, root, videos: Sequence[str], *, short_side: int = 360,
                    window: int | None = None, threshold: float = 0.5, batch: int = 8, out_dir=None,
-                   skip_bad_samples: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Segment and score every expression of ``videos`` (training split at ``root``).
+                   skip_bad_samples: bool = False, progress: bool = True,
+                   amp: bool = False) -> tuple[dict, list[dict]]:
+    """Segment and score every expression of ``videos`` (training split at ``root``), on the model's device
+    (``amp``: bfloat16 autocast, see :func:`bifit.inference.predict_video`).
 
     Returns (metrics {"jf", "j", "f", "num_videos", "num_expressions", "num_skipped_videos"}, one row per
     expression). With ``out_dir`` the masks are written as ``<out_dir>/<video>/<exp_id>/<frame>.png`` (0/255,
@@ -143,7 +145,7 @@ def evaluate_proxy(model, tokenizer, root, videos: Sequence[str], *, short_side:
             bar.update(len(exps))
             continue
         preds = predict_video(model, tokenizer, frames, [e.caption for e in exps], orig_size, window, threshold,
-                              batch)
+                              batch, amp)
         for e, gt, pred in zip(exps, gts, preds):
             masks = pred.masks.numpy()
             rows.append({"video": e.video, "exp_id": e.exp_id, **score_expression(gt, masks)})

@@ -143,6 +143,42 @@ def test_hand_computable_whole_image_prediction(a2d_root):
     assert metrics["mAP 0.5:0.95"] == 0.0 and metrics["best-query-only mAP 0.5:0.95"] == 0.0
 
 
+class BFloat16ConstantModel(ConstantModel):
+    """ConstantModel with bfloat16 outputs, as the real model's under autocast; records whether each call ran
+    under CPU bfloat16 autocast."""
+
+    def __init__(self):
+        super().__init__(full=1)
+        self.autocast = []
+
+    def forward(self, *args, **kwargs):
+        self.autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return {k: v.to(torch.bfloat16) for k, v in super().forward(*args, **kwargs).items()}
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_eval_amp_autocasts_the_forward_pass_and_scores_in_float32(a2d_root, tmp_path, monkeypatch, amp):
+    import bifit.eval.a2d_engine as engine
+
+    dtypes, postprocess = [], engine.postprocess_batch
+
+    def spy(outputs, targets):
+        dtypes.append((outputs["pred_logits"].dtype, outputs["pred_masks"].dtype))
+        return postprocess(outputs, targets)
+
+    monkeypatch.setattr(engine, "postprocess_batch", spy)
+    cfg = small_cfg(batch_size=3)
+    cfg.eval.amp = amp
+    model = BFloat16ConstantModel()
+    metrics = evaluate_a2d(model, CharTokenizer(), a2d_root, cfg, tmp_path, progress=False)
+    assert model.autocast and set(model.autocast) == {amp}
+    assert set(dtypes) == {(torch.float32, torch.float32)}
+    assert metrics == evaluate_a2d(ConstantModel(full=1), CharTokenizer(), a2d_root, small_cfg(batch_size=3), None,
+                                   progress=False)
+    info = json.loads((tmp_path / "eval_info.json").read_text())
+    assert (info["device"], info["amp"]) == ("cpu", amp)
+
+
 def test_score_hand_computable_map_both_protocols():
     """Two samples, two queries each. A: q0 (0.9) is the GT. B: q0 (0.8) misses, q1 (0.1) is the GT.
 
@@ -216,7 +252,8 @@ def test_a2d_masks_smaller_than_frames_are_scored_on_the_gt_grid_and_counted_in_
     cfg = load_pipeline_config(_dataset_params(tmp_path))
     summary = preprocess_a2d(raw, cfg.datasets.resolve(cfg.datasets.prepared) / "a2d", progress=False)
     assert summary["test_size_mismatches"] >= 1
-    monkeypatch.setattr(evaluate_dataset, "load_model", lambda cfg, path: (ConstantModel(full=1), CharTokenizer(), {}))
+    monkeypatch.setattr(evaluate_dataset, "load_model",
+                        lambda cfg, path, device=None: (ConstantModel(full=1), CharTokenizer(), {}))
 
     metrics = evaluate_dataset.evaluate_dataset(cfg, "a2d")
     assert metrics["size_mismatches"] == summary["test_size_mismatches"]

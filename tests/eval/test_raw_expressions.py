@@ -78,7 +78,7 @@ def test_ytvos_valid_inference_tokenizes_the_raw_expression(ytvos, tmp_path, mon
 
     assert RAW in [e.caption for e in inference_expressions(ytvos, "valid")]
     cfg = SimpleNamespace(data=SimpleNamespace(root=str(ytvos), eval_short_side=32), train=SimpleNamespace(seed=0),
-                          eval=SimpleNamespace(num_frames=0, threshold=0.5, batch_expressions=4))
+                          eval=SimpleNamespace(num_frames=0, threshold=0.5, batch_expressions=4, amp=False))
     tok = RecordingTokenizer()
     evaluate(cfg, BackgroundModel(), tok, None)  # synthetic valid: local GT
     assert RAW in tok.seen and NORMALISED not in tok.seen

@@ -78,10 +78,15 @@ def _text(nb) -> str:
 
 def test_qualitative_notebook_writes_overlay_gif(toy, monkeypatch):
     tmp, params, cfg, single, _ = toy
+    import torch
+
     nb = _run("qualitative.ipynb", tmp / "qualitative.out.ipynb", dict(
-        checkpoint=str(single), params=str(params), out_dir=str(tmp / "qual"), max_frames=3), tmp, monkeypatch)
+        checkpoint=str(single), params=str(params), out_dir=str(tmp / "qual"), max_frames=3, amp=True), tmp,
+        monkeypatch)
     text = _text(nb)
     assert "chosen query" in text and "J&F" in text and "referred query, (x, y) per frame" in text
+    # device None: params.yaml eval.device (auto); amp given: bfloat16 autocast
+    assert f"parameters; on {'cuda' if torch.cuda.is_available() else 'cpu'}" in text and ", amp True" in text
     gifs = list((tmp / "qual").glob("*.gif"))
     assert len(gifs) == 1
     with Image.open(gifs[0]) as gif:

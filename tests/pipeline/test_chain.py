@@ -66,6 +66,7 @@ def test_train_writes_checkpoints_model_metrics_and_mlflow_run(chain):
     run = MlflowClient().get_run(model["mlflow_run_id"])
     assert run.data.params["model.hidden_dim"] == "32"
     assert "ytvos_jf" in run.data.metrics and "loss" in run.data.metrics
+    assert run.data.params["ytvos_eval_amp"] == "False" and run.data.params["ytvos_eval_device"] in ("cpu", "cuda")
     history = MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     artifacts = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "model")]
@@ -73,12 +74,15 @@ def test_train_writes_checkpoints_model_metrics_and_mlflow_run(chain):
 
 
 def test_evaluate_and_package(chain):
+    import torch
+
     tmp, _, metrics = chain
     saved = json.loads((tmp / "metrics/ytvos.json").read_text())
     assert saved == metrics
     for key in ("jf", "j", "f", "jf_shuffled"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["num_expressions"] > 0
+    assert (saved["device"], saved["amp"]) == ("cuda" if torch.cuda.is_available() else "cpu", False)  # auto
     with zipfile.ZipFile(tmp / "submission.zip") as zf:
         names = zf.namelist()
     assert names and all(n.startswith("Annotations/") and n.endswith(".png") for n in names)

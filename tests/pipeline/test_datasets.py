@@ -167,12 +167,15 @@ def test_preprocess_outputs(stages):
 
 def test_evaluations_write_metrics_plots_predictions_and_mlflow(stages):
     import mlflow
+    import torch
     from mlflow.tracking import MlflowClient
 
     tmp, _, cfg, _, _, metrics, _ = stages
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"  # eval.device: auto in the toy params
     for name, m in metrics.items():
         assert json.loads((tmp / f"metrics/{name}.json").read_text()) == m
         assert m["eval_seconds"] >= 0
+        assert (m["device"], m["amp"]) == (auto_device, False)  # how the numbers were computed
     assert {"jf", "j", "f", "jf_shuffled"} <= set(metrics["ytvos"])
     assert metrics["ytvos_proxy"]["num_videos"] == 1 and metrics["ytvos_proxy"]["held_out_of_training"] == 1
     assert {"jf", "anno_0_jf", "anno_3_f"} <= set(metrics["davis"])
@@ -189,6 +192,9 @@ def test_evaluations_write_metrics_plots_predictions_and_mlflow(stages):
     runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
     logged = {k for r in runs for k in r.data.metrics}
     assert {"davis_jf", "a2d_mAP 0.5_0.95", "jhmdb_overall_iou", "ytvos_proxy_jf", "ytvos_jf"} <= logged
+    params = {k: v for r in runs for k, v in r.data.params.items()}
+    assert {params[f"{n}_eval_device"] for n in metrics} == {auto_device}
+    assert {params[f"{n}_eval_amp"] for n in metrics} == {"False"}
 
 
 def test_summary_table(stages):
@@ -247,6 +253,6 @@ def test_official_checkpoint_files_are_loaded_for_evaluation(stages, tmp_path):
     model, _, ckpt = load_model(cfg, tmp_path / "ytvos_r50.pth")
     assert "mlflow_run_id" not in ckpt
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in ours.items())
+    assert all(torch.equal(state[k].cpu(), v) for k, v in ours.items())  # on eval.device (auto: a GPU if any)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_model(cfg, tmp_path / "none.pth")

@@ -70,6 +70,38 @@ def test_bad_sweep_settings_rejected_before_ray_starts(tmp_path, change, message
     assert not ray.is_initialized()
 
 
+def test_eval_device_cuda_without_a_gpu_stops_the_sweep_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+    import torch
+
+    from bifit.config import ConfigError
+    from pipeline import tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    params = _sweep_params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["eval"]["device"] = "cuda"
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"^{params}: eval.device: 'cuda' asks for a GPU but torch sees none"):
+        tune.main(["--params", str(params)])
+    assert not ray.is_initialized() and not (tmp_path / "tune").exists()
+
+
+def test_trial_identity_ignores_where_it_is_evaluated_but_not_bfloat16():
+    from pipeline.config import load_pipeline_config
+    from pipeline.tune import plan_trials, sweep_hash
+
+    def first_key(**overrides):
+        return plan_trials(load_pipeline_config(REPO / "params.yaml", overrides=overrides))[0].key
+
+    default = first_key()
+    assert first_key(**{"eval.device": "cpu"}) == default == first_key(**{"eval.device": "cuda"})
+    assert first_key(**{"eval.amp": True}) != default
+    cfg = load_pipeline_config(REPO / "params.yaml")
+    assert sweep_hash(load_pipeline_config(REPO / "params.yaml", overrides={"eval.amp": True})) != sweep_hash(cfg)
+
+
 def test_group_rows_mean_and_sample_std():
     from bifit.report import format_mean_std, group_rows
 
@@ -79,6 +111,12 @@ def test_group_rows_mean_and_sample_std():
     assert b["n"] == 1 and math.isnan(b["jf_std"])
     assert format_mean_std(a["jf_mean"], a["jf_std"]) == "0.3000 ± 0.1414"
     assert format_mean_std(b["jf_mean"], b["jf_std"]) == "0.5000"
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _hermetic_mlflow(mp):
@@ -115,6 +153,7 @@ def test_sweep_table_has_every_trial_with_real_metrics(sweep):
         assert float(r["jf"]) == pytest.approx((float(r["j"]) + float(r["f"])) / 2, abs=1e-5)
         assert int(r["num_expressions"]) == 4 and int(r["train_steps"]) == 2
         assert float(r["wall_seconds"]) > 0 and float(r["train_loss"]) > 0
+        assert (r["eval_device"], r["eval_amp"]) == (_auto_device(), "false")
     params = {r["model.inter_frame_layers"]: int(r["num_parameters"]) for r in trials}
     assert params["1"] > params["0"]  # the inter-frame layer has weights
     variants = _read_csv(tmp / "tune-results/variants.csv")
@@ -151,6 +190,10 @@ def test_sweep_mlflow_parent_and_tagged_children(sweep):
         assert child.data.metrics["ytvos_jf"] == pytest.approx(row["jf"])
         assert child.data.params["model.inter_frame_layers"] == str(row["model.inter_frame_layers"])
         assert "loss" in child.data.metrics  # per-step training loss logged by the Ray Train workers
+        # how the trial was evaluated (eval.device auto: the GPU when the trial sees one), in the run and the table
+        assert child.data.params["ytvos_eval_device"] == row["eval_device"] == _auto_device()
+        assert child.data.params["ytvos_eval_amp"] == "False" and row["eval_amp"] is False
+        assert "ytvos_amp" not in child.data.metrics and "ytvos_device" not in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
     assert "tables/results.md" in artifacts and "tables/trials.csv" in artifacts
 
@@ -204,6 +247,7 @@ def test_a_sweep_over_fewer_seeds_reuses_the_stored_trials_as_its_own_children(s
         original = first[child.data.tags["trial_key"]]
         assert child.data.tags["seed"] == "0" and child.data.tags["reused_from"] == original["mlflow_run_id"]
         assert child.data.metrics["ytvos_jf"] == pytest.approx(original["jf"])
+        assert child.data.params["ytvos_eval_device"] == original["eval_device"]
     assert {r["mlflow_run_id"] for r in again["trials"]} == {c.info.run_id for c in children}
     raw["tune"]["seeds"], raw["tune"]["max_concurrent_trials"] = [0, 1], 1
     other.write_text(yaml.safe_dump(raw))
@@ -226,6 +270,7 @@ def test_trials_can_be_evaluated_on_another_benchmark(sweep):
     model, tokenizer, _ = build_from_checkpoint(spec.cfg, Path(stored["checkpoint"]))
     metrics, per_video = tune.evaluate_trial(spec.cfg, model, tokenizer, tmp / "proxy-eval")
     assert per_video is None and 0.0 <= metrics["jf"] <= 1.0
+    assert (metrics["device"], metrics["amp"]) == (next(model.parameters()).device.type, False)
     assert metrics["jf"] == pytest.approx((metrics["j"] + metrics["f"]) / 2, abs=1e-6)
     names = tune.metric_names("ytvos_proxy", [{"metrics": metrics}])
     assert {"jf", "j", "f"} <= set(names) and not any(n.startswith("num_") for n in names)
