@@ -6,16 +6,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# the tested versions of every dependency (pyproject.toml keeps the supported ranges)
+CONSTRAINTS := constraints.txt
 
 .PHONY: setup test test-all demo lint bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]' $(TORCH_PINS)
 	touch $(STAMP)
 
 test: setup
