@@ -242,7 +242,7 @@ def run_bad_inputs(tmp: Path, data: Path) -> list[dict]:
     kind, text = _outcome(lambda: load_checkpoint(tmp / "evil.pth"))
     rows.append({"group": "checkpoint", "case": "pickle that runs code", "outcome": kind, "message": text,
                  "expected_message": "weights_only=True" in text and not (tmp / "code_ran.txt").exists()})
-    other = tiny_model(hidden_dim=96, mask_dim=96, inter_frame_layers=0, bidirectional_vl=False)
+    other = tiny_model(hidden_dim=96, inter_frame_layers=0, bidirectional_vl=False)
     torch.save({"model": to_official_state_dict(other.state_dict())}, tmp / "other.pth")
     kind, text = _outcome(lambda: load_official(tmp / "other.pth", tiny_model()))
     rows.append({"group": "checkpoint", "case": "another architecture's checkpoint", "outcome": kind,

@@ -84,7 +84,7 @@ PLAN = {
 }
 PAPER_SIZE = {"cpu": (320, 320), "cuda": (360, 640)}
 PAPER_MODEL = {"model.backbone": "resnet50", "model.num_queries": 5, "model.enc_layers": 4, "model.dec_layers": 4,
-               "model.hidden_dim": 256, "model.mask_dim": 256, "model.freeze_text_encoder": True,
+               "model.hidden_dim": 256, "model.freeze_text_encoder": True,
                "data.num_frames": 6, "data.expressions_per_clip": 1, "train.batch_size": 1}
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
@@ -453,7 +453,8 @@ def load_params(folder: Path, overlays=(), overrides=None):
 def make_assets(folder: Path, raw: dict) -> tuple[Path, Path, dict]:
     """A small synthetic benchmark (params.yaml's generator settings, fewer videos) and a random tiny RoBERTa of the
     text_encoder_assets size with its tokenizer (no pretraining: timing only)."""
-    from bifit.data.synthetic import config_from_dict, generate_benchmark
+    from bifit.config import from_dict
+    from bifit.data.synthetic import SyntheticConfig, generate_benchmark
     from bifit.data.text_encoder_assets import (
         TinyTextEncoderConfig,
         expression_corpus,
@@ -462,7 +463,7 @@ def make_assets(folder: Path, raw: dict) -> tuple[Path, Path, dict]:
 
     syn = {**(raw.get("synthetic") or {}), **SYNTHETIC_VIDEOS}
     root = folder / "ref-youtube-vos"
-    summary = generate_benchmark(config_from_dict(syn), root, progress=False)
+    summary = generate_benchmark(from_dict(SyntheticConfig, syn, "synthetic"), root, progress=False)
     te = {**(raw.get("text_encoder_assets") or {}), "pretrain_steps": 0}
     te_dir = write_text_encoder_assets(folder / "text-encoder", expression_corpus(root), TinyTextEncoderConfig(**te))
     info = {"synthetic": {k: syn[k] for k in ("height", "width", "frames_per_video", *SYNTHETIC_VIDEOS) if k in syn},

@@ -119,16 +119,21 @@ def extract_model_state(obj: object, where: str) -> dict:
 
 
 def load_official(path: str | Path, model: nn.Module, drop_class_heads: bool = False) -> dict:
-    """Load an official BIFIT/ReferFormer checkpoint into our model. Returns the other top-level entries.
+    """Load an official BIFIT/ReferFormer checkpoint into a model built by the caller (to build the architecture
+    the file records, use :func:`bifit.load_model`). Returns the other top-level entries.
 
     drop_class_heads: the official fine-tuning rule (`--pretrained_weights`): class_embed.* is not loaded.
     """
-    obj = safe_load(path)
-    state = convert_official_state_dict(extract_model_state(obj, f"checkpoint {path}"), f"checkpoint {path}")
+    return load_official_state(model, safe_load(path), f"checkpoint {path}", drop_class_heads)
+
+
+def load_official_state(model: nn.Module, obj: object, where: str, drop_class_heads: bool = False) -> dict:
+    """:func:`load_official` on an already read file object (``where`` names it in errors)."""
+    state = convert_official_state_dict(extract_model_state(obj, where), where)
     if drop_class_heads:
         fresh = model.state_dict()
         state = {k: (fresh[k] if k.startswith("class_embed.") else v) for k, v in state.items()}
-    load_state_dict_strict(model, state, f"checkpoint {path}")
+    load_state_dict_strict(model, state, where)
     return {k: v for k, v in obj.items() if k != "model"} if isinstance(obj, dict) and "model" in obj else {}
 
 
@@ -159,6 +164,6 @@ def load_checkpoint(path: str | Path) -> dict:
     obj = safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != OUR_FORMAT or "config" not in obj:
         raise CheckpointError(
-            f"checkpoint {path}: not a {OUR_FORMAT} file (use bifit.checkpoint.load_official for official weights)"
+            f"checkpoint {path}: not a {OUR_FORMAT} file (bifit.load_model also loads official weights)"
         )
     return obj

@@ -2,11 +2,18 @@
 
 Every section of params.yaml maps to one dataclass below. Loading rejects unknown keys, wrong
 types and out-of-range values with a message naming the file, the key and what was expected.
+
+Validation is written one way for every configuration dataclass of the project (these, pipeline/config.py and the
+generators' settings in bifit/data): a `validate(self, where)` method stating each rule with `check(cond, key,
+expected, value)`, `where` being the key prefix ("model", "datasets.davis", or the class name for settings built in
+code). `load_config` validates the loaded sections (after overlays and overrides); frozen settings objects call
+`self.validate()` from `__post_init__`, so one that exists is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +27,15 @@ class ConfigError(ValueError):
     """A bad value in a configuration file; the message names the file and the key."""
 
 
-def _check(cond: bool, key: str, expected: str, value: Any):
+def check(cond: bool, key: str, expected: str, value: Any) -> None:
+    """The one validation statement: raise ConfigError "<key>: expected <expected>, got <value>" unless `cond`."""
     if not cond:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def int_in(value: Any, lo: int, hi: int) -> bool:
+    """`value` is an integer (numpy integers too, bools not) in [lo, hi]."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value <= hi
 
 
 @dataclass
@@ -46,7 +59,6 @@ class ModelConfig:
     dec_n_points: int = 4
     num_queries: int = 5
     num_classes: int = 1  # binary referring
-    mask_dim: int = 256
     controller_layers: int = 3
     dynamic_mask_channels: int = 8
     rel_coord: bool = True
@@ -61,27 +73,25 @@ class ModelConfig:
 
     def validate(self, where: str = "model"):
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "num_classes",
-                     "mask_dim", "dynamic_mask_channels", "enc_n_points", "dec_n_points"):
-            _check(getattr(self, name) >= 1, f"{where}.{name}", "an integer >= 1", getattr(self, name))
+                     "dynamic_mask_channels", "enc_n_points", "dec_n_points"):
+            check(getattr(self, name) >= 1, f"{where}.{name}", "an integer >= 1", getattr(self, name))
         for name in ("enc_layers", "inter_frame_layers"):
-            _check(getattr(self, name) >= 0, f"{where}.{name}", "an integer >= 0", getattr(self, name))
-        _check(0 <= self.backbone_trainable_layers <= 5, f"{where}.backbone_trainable_layers", "an integer in [0, 5]",
-               self.backbone_trainable_layers)
-        _check(self.controller_layers >= 1, f"{where}.controller_layers", "an integer >= 1", self.controller_layers)
-        _check(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a float in [0, 1)", self.dropout)
-        _check(self.num_feature_levels >= 3, f"{where}.num_feature_levels", "an integer >= 3", self.num_feature_levels)
-        _check(self.hidden_dim % self.nheads == 0, f"{where}.hidden_dim",
-               f"a multiple of {where}.nheads ({self.nheads})", self.hidden_dim)
-        _check(self.hidden_dim % 32 == 0, f"{where}.hidden_dim", "a multiple of 32 (GroupNorm(32) on inputs)",
-               self.hidden_dim)
-        _check(self.mask_dim == self.hidden_dim, f"{where}.mask_dim",
-               f"equal to {where}.hidden_dim ({self.hidden_dim})", self.mask_dim)
-        _check(self.dec_layers >= 2 or not self.aux_loss, f"{where}.dec_layers",
-               ">= 2 when aux_loss is on", self.dec_layers)
-        _check(bool(self.text_encoder), f"{where}.text_encoder", "a hub id or a local directory", self.text_encoder)
-        _check(not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{where}.dilation",
-               f"false with {where}.backbone {self.backbone!r} (its BasicBlock cannot dilate; use resnet50/101)",
-               self.dilation)
+            check(getattr(self, name) >= 0, f"{where}.{name}", "an integer >= 0", getattr(self, name))
+        check(0 <= self.backbone_trainable_layers <= 5, f"{where}.backbone_trainable_layers", "an integer in [0, 5]",
+              self.backbone_trainable_layers)
+        check(self.controller_layers >= 1, f"{where}.controller_layers", "an integer >= 1", self.controller_layers)
+        check(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a float in [0, 1)", self.dropout)
+        check(self.num_feature_levels >= 3, f"{where}.num_feature_levels", "an integer >= 3", self.num_feature_levels)
+        check(self.hidden_dim % self.nheads == 0, f"{where}.hidden_dim",
+              f"a multiple of {where}.nheads ({self.nheads})", self.hidden_dim)
+        check(self.hidden_dim % 32 == 0, f"{where}.hidden_dim", "a multiple of 32 (GroupNorm(32) on inputs)",
+              self.hidden_dim)
+        check(self.dec_layers >= 2 or not self.aux_loss, f"{where}.dec_layers",
+              ">= 2 when aux_loss is on", self.dec_layers)
+        check(bool(self.text_encoder), f"{where}.text_encoder", "a hub id or a local directory", self.text_encoder)
+        check(not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{where}.dilation",
+              f"false with {where}.backbone {self.backbone!r} (its BasicBlock cannot dilate; use resnet50/101)",
+              self.dilation)
 
 
 @dataclass
@@ -94,7 +104,7 @@ class MatcherConfig:
 
     def validate(self, where: str = "matcher"):
         for f in dataclasses.fields(self):
-            _check(getattr(self, f.name) >= 0, f"{where}.{f.name}", "a float >= 0", getattr(self, f.name))
+            check(getattr(self, f.name) >= 0, f"{where}.{f.name}", "a float >= 0", getattr(self, f.name))
 
 
 @dataclass
@@ -105,14 +115,11 @@ class LossConfig:
     mask_loss_coef: float = 2.0
     dice_loss_coef: float = 5.0
     focal_alpha: float = 0.25
-    mask_out_stride: int = 4
 
     def validate(self, where: str = "loss"):
         for f in dataclasses.fields(self):
-            _check(getattr(self, f.name) >= 0, f"{where}.{f.name}", "a value >= 0", getattr(self, f.name))
-        _check(self.focal_alpha <= 1, f"{where}.focal_alpha", "a float in [0, 1]", self.focal_alpha)
-        _check(self.mask_out_stride == 4, f"{where}.mask_out_stride", "4 (masks are predicted at 1/4)",
-               self.mask_out_stride)
+            check(getattr(self, f.name) >= 0, f"{where}.{f.name}", "a value >= 0", getattr(self, f.name))
+        check(self.focal_alpha <= 1, f"{where}.focal_alpha", "a float in [0, 1]", self.focal_alpha)
 
     def weight_dict(self, dec_layers: int, aux_loss: bool) -> dict[str, float]:
         w = {"loss_ce": self.cls_loss_coef, "loss_bbox": self.bbox_loss_coef, "loss_giou": self.giou_loss_coef,
@@ -124,8 +131,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["ytvos", "davis", "a2d", "jhmdb"] = "ytvos"
-    root: str = "data/synthetic/ref-youtube-vos"
+    root: str = "data/synthetic/ref-youtube-vos"  # the training data, in the Ref-YouTube-VOS format
     num_frames: int = 6
     train_scales: list[int] = field(default_factory=lambda: [288, 320, 352, 392, 416, 448, 480, 512])
     max_size: int = 640
@@ -147,20 +153,20 @@ class DataConfig:
     expressions_per_clip: int = 1
 
     def validate(self, where: str = "data"):
-        _check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)
-        _check(len(self.train_scales) > 0 and all(s >= 32 for s in self.train_scales), f"{where}.train_scales",
-               "a non-empty list of integers >= 32", self.train_scales)
-        _check(self.max_size >= max(self.train_scales), f"{where}.max_size", ">= the largest train scale",
-               self.max_size)
-        _check(1 <= self.crop_min <= self.crop_max, f"{where}.crop_min", f"1 <= crop_min <= crop_max ({self.crop_max})",
-               self.crop_min)
-        _check(len(self.crop_resize_scales) > 0 and min(self.crop_resize_scales) >= self.crop_min,
-               f"{where}.crop_resize_scales", f"a non-empty list of sizes >= crop_min ({self.crop_min})",
-               self.crop_resize_scales)
-        _check(self.eval_short_side >= 32, f"{where}.eval_short_side", "an integer >= 32", self.eval_short_side)
-        _check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
-        _check(self.expressions_per_clip >= 1, f"{where}.expressions_per_clip", "an integer >= 1",
-               self.expressions_per_clip)
+        check(self.num_frames >= 1, f"{where}.num_frames", "an integer >= 1", self.num_frames)
+        check(len(self.train_scales) > 0 and all(s >= 32 for s in self.train_scales), f"{where}.train_scales",
+              "a non-empty list of integers >= 32", self.train_scales)
+        check(self.max_size >= max(self.train_scales), f"{where}.max_size", ">= the largest train scale",
+              self.max_size)
+        check(1 <= self.crop_min <= self.crop_max, f"{where}.crop_min", f"1 <= crop_min <= crop_max ({self.crop_max})",
+              self.crop_min)
+        check(len(self.crop_resize_scales) > 0 and min(self.crop_resize_scales) >= self.crop_min,
+              f"{where}.crop_resize_scales", f"a non-empty list of sizes >= crop_min ({self.crop_min})",
+              self.crop_resize_scales)
+        check(self.eval_short_side >= 32, f"{where}.eval_short_side", "an integer >= 32", self.eval_short_side)
+        check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
+        check(self.expressions_per_clip >= 1, f"{where}.expressions_per_clip", "an integer >= 1",
+              self.expressions_per_clip)
 
 
 @dataclass
@@ -185,16 +191,16 @@ class TrainConfig:
     deterministic: bool = False
 
     def validate(self, where: str = "train"):
-        _check(self.epochs >= 1, f"{where}.epochs", "an integer >= 1", self.epochs)
-        _check(self.batch_size >= 1, f"{where}.batch_size", "an integer >= 1", self.batch_size)
+        check(self.epochs >= 1, f"{where}.epochs", "an integer >= 1", self.epochs)
+        check(self.batch_size >= 1, f"{where}.batch_size", "an integer >= 1", self.batch_size)
         for name in ("lr", "lr_backbone", "lr_text_encoder", "lr_text_fusion", "lr_linear_proj_mult",
                      "weight_decay", "clip_max_norm"):
-            _check(getattr(self, name) >= 0, f"{where}.{name}", "a float >= 0", getattr(self, name))
-        _check(self.lr > 0, f"{where}.lr", "a float > 0", self.lr)
-        _check(0 < self.lr_gamma <= 1, f"{where}.lr_gamma", "a float in (0, 1]", self.lr_gamma)
-        _check(all(e >= 1 for e in self.lr_drop), f"{where}.lr_drop", "a list of epochs >= 1", self.lr_drop)
-        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, f"{where}.max_steps_per_epoch",
-               "null or an integer >= 1", self.max_steps_per_epoch)
+            check(getattr(self, name) >= 0, f"{where}.{name}", "a float >= 0", getattr(self, name))
+        check(self.lr > 0, f"{where}.lr", "a float > 0", self.lr)
+        check(0 < self.lr_gamma <= 1, f"{where}.lr_gamma", "a float in (0, 1]", self.lr_gamma)
+        check(all(e >= 1 for e in self.lr_drop), f"{where}.lr_drop", "a list of epochs >= 1", self.lr_drop)
+        check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, f"{where}.max_steps_per_epoch",
+              "null or an integer >= 1", self.max_steps_per_epoch)
 
 
 @dataclass
@@ -208,10 +214,10 @@ class EvalConfig:
     amp: bool = False  # bfloat16 autocast for the forward pass (CPU too); mask logits are thresholded in float32
 
     def validate(self, where: str = "eval"):
-        _check(0 < self.threshold < 1, f"{where}.threshold", "a float in (0, 1)", self.threshold)
-        _check(self.num_frames is None or self.num_frames >= 1, f"{where}.num_frames", "null or an integer >= 1",
-               self.num_frames)
-        _check(self.batch_expressions >= 1, f"{where}.batch_expressions", "an integer >= 1", self.batch_expressions)
+        check(0 < self.threshold < 1, f"{where}.threshold", "a float in (0, 1)", self.threshold)
+        check(self.num_frames is None or self.num_frames >= 1, f"{where}.num_frames", "null or an integer >= 1",
+              self.num_frames)
+        check(self.batch_expressions >= 1, f"{where}.batch_expressions", "an integer >= 1", self.batch_expressions)
 
 
 @dataclass
@@ -231,6 +237,27 @@ class Config:
         return self
 
 
+# Keys of earlier versions that could hold one value only. The configs saved in checkpoints (and older params
+# files) still have them: from_dict checks that such a key holds that value, then drops it.
+# (section class, key) -> (the value, given the section's mapping; what is expected)
+RETIRED_KEYS = {
+    (ModelConfig, "mask_dim"): (lambda d: d.get("hidden_dim", ModelConfig.hidden_dim),
+                                "equal to {where}.hidden_dim ({value})"),
+    (LossConfig, "mask_out_stride"): (lambda d: 4, "4 (masks are predicted at 1/4)"),
+    (DataConfig, "dataset"): (lambda d: "ytvos", "'ytvos' (the train stage trains on Ref-YouTube-VOS-format data)"),
+}
+
+
+def _drop_retired_keys(cls, data: dict, where: str) -> dict:
+    data = dict(data)
+    for (section, key), (value_of, expected) in RETIRED_KEYS.items():
+        if section is cls and key in data:
+            value = value_of(data)
+            check(data[key] == value, f"{where}.{key}", expected.format(where=where, value=value), data[key])
+            del data[key]
+    return data
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -243,39 +270,38 @@ def _coerce(value: Any, tp, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
-        _check(value in args, key, _type_name(tp), value)
+        check(value in args, key, _type_name(tp), value)
         return value
     if origin is tuple:
-        _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
-               f"a list of {len(args)} values", value)
+        check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
+              f"a list of {len(args)} values", value)
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
-        _check(isinstance(value, list), key, f"a list of {_type_name(args[0])}", value)
+        check(isinstance(value, list), key, f"a list of {_type_name(args[0])}", value)
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:  # e.g. the sweep grid: {"model.inter_frame_layers": [0, 1, 2]}
-        _check(isinstance(value, dict), key, f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}", value)
+        check(isinstance(value, dict), key, f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}", value)
         return {_coerce(k, args[0], f"{key} (a key)"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
-        _check(isinstance(value, bool), key, "true or false", value)
+        check(isinstance(value, bool), key, "true or false", value)
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
         return value
     if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
         return float(value)
     if tp is str:
-        _check(isinstance(value, str), key, "a string", value)
+        check(isinstance(value, str), key, "a string", value)
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
@@ -287,6 +313,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    data = _drop_retired_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -296,7 +323,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:  # a section's own __post_init__ checks
+    except ConfigError as err:  # a frozen settings object validates when built: name where it was read
         raise ConfigError(f"{where or 'top level'}: {err}") from None
 
 

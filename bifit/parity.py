@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from bifit.checkpoint import convert_official_state_dict, load_state_dict_strict
-from bifit.config import Config, ModelConfig
+from bifit.config import Config
+from bifit.loading import model_config_from_official_args
 from bifit.recipe import recipe_state_dict, state_dict_sha256
 
 TOL_F64 = 1e-6
@@ -27,32 +28,11 @@ TOL_LOSS = 1e-4
 TOL_MSDA = 1e-10
 
 
-def model_config_from_args(args: dict) -> ModelConfig:
-    """The official `opts.py` values of a golden's meta -> our ModelConfig."""
-    if args.get("two_stage"):
-        raise ValueError("golden meta.model_args.two_stage: only two_stage=False is supported")
-    if not args.get("with_box_refine", True):
-        raise ValueError("golden meta.model_args.with_box_refine: only with_box_refine=True is supported")
-    return ModelConfig(
-        backbone=args.get("backbone", "resnet50"), backbone_weights=None, dilation=bool(args.get("dilation", False)),
-        train_backbone=float(args.get("lr_backbone", 1e-5)) > 0, text_encoder="<golden text_config>",
-        freeze_text_encoder=bool(args.get("freeze_text_encoder", True)), hidden_dim=args["hidden_dim"],
-        nheads=args["nheads"], enc_layers=args["enc_layers"], dec_layers=args["dec_layers"],
-        dim_feedforward=args["dim_feedforward"], dropout=args["dropout"],
-        num_feature_levels=args["num_feature_levels"], enc_n_points=args["enc_n_points"],
-        dec_n_points=args["dec_n_points"], num_queries=args["num_queries"],
-        num_classes=1 if args.get("binary", True) else 65, mask_dim=args["mask_dim"],
-        controller_layers=args["controller_layers"], dynamic_mask_channels=args["dynamic_mask_channels"],
-        rel_coord=bool(args.get("rel_coord", True)), aux_loss=bool(args.get("aux_loss", True)),
-        inter_frame_layers=args.get("query_enc_layers", 1), bidirectional_vl=True, msda_backend="auto",
-    )
-
-
 def build_golden_model(meta: dict):
     from bifit.models import BIFIT
     from bifit.models.text_encoder import build_hf_text_encoder
 
-    cfg = model_config_from_args(meta["model_args"])
+    cfg = model_config_from_official_args(meta["model_args"], "golden meta.model_args", "<golden text_config>")
     model = BIFIT(cfg, build_hf_text_encoder(config=meta["text_config"]))
     shapes = {k: tuple(v) for k, v in meta["state_dict_shapes"].items()}
     official = recipe_state_dict(shapes)

@@ -1,7 +1,8 @@
 """What the model did on one video and one expression: masks, per-frame query scores, reference points.
 
 The whole video goes through the model in one pass (the Ref-YouTube-VOS protocol), with the official
-post-processing (`bifit.models.postprocess.video_masks`), so the masks equal those of the evaluate stage.
+post-processing (`bifit.models.postprocess.video_masks`), so the masks equal those of the evaluate stage. Load
+the model with `bifit.load_model`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from bifit.data.collate import tokenize
-from bifit.inference import float32_outputs, inference_autocast, model_device, resolve_device, to_device
+from bifit.inference import float32_outputs, inference_autocast, model_device, to_device
 from bifit.models.postprocess import video_masks
 
 
@@ -51,35 +52,3 @@ def describe_video(model, tokenizer, frames: torch.Tensor, caption: str, orig_si
         reference_points=None if refs is None else refs[0].float().cpu().numpy(),
         boxes=outputs["pred_boxes"][0].float().cpu().numpy())
 
-
-def load_model_for_inspection(path, text_encoder_fallback: str | None = None, device: str = "auto"):
-    """(model in eval mode on ``device``, tokenizer, the checkpoint's settings dict) from one of our checkpoints.
-
-    device: auto | cpu | cuda, as params.yaml `eval.device` (auto: cuda when torch sees a GPU); cuda without a
-    GPU raises before the checkpoint is read.
-
-    text_encoder_fallback: a hub id or directory used when the checkpoint's `model.text_encoder` is a directory
-    that does not exist here (trained on another machine); only its architecture and tokenizer are used, the
-    weights come from the checkpoint.
-    """
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from bifit.checkpoint import load_checkpoint, load_state_dict_strict
-    from bifit.config import ModelConfig, from_dict
-    from bifit.models import build_model
-
-    device = resolve_device(device, "device (the notebooks' parameter; default params.yaml eval.device)")
-    ckpt = load_checkpoint(path)
-    model_cfg = from_dict(ModelConfig, dict(ckpt["config"]["model"]), "model")
-    if Path(model_cfg.text_encoder).is_absolute() and not Path(model_cfg.text_encoder).exists():
-        if text_encoder_fallback is None:
-            raise FileNotFoundError(f"{path}: model.text_encoder {model_cfg.text_encoder} does not exist here; "
-                                    "pass text_encoder_fallback (e.g. data/synthetic/text-encoder)")
-        model_cfg.text_encoder = str(text_encoder_fallback)
-    if model_cfg.msda_backend == "cuda" and device.type == "cpu":
-        model_cfg.msda_backend = "auto"
-    model = build_model(model_cfg)
-    load_state_dict_strict(model, ckpt["model"], f"checkpoint {path}")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_cfg.text_encoder), ckpt["config"]

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import torch
 
-RECIPE_NAME = "bifit-keyname-recipe-v1"
 TIED_PREFIX = "transformer.decoder.bbox_embed."
 SEED_PREFIX = "bbox_embed."
 STD_OVERRIDES = {

@@ -12,17 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bifit.data.transforms import MEAN, STD
-
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128)]
-
-
-def denormalize(frames) -> np.ndarray:
-    """Normalised frames [t, 3, h, w] (tensor or array, ImageNet mean/std) -> uint8 [t, h, w, 3]."""
-    x = np.asarray(frames, dtype=np.float32).transpose(0, 2, 3, 1)
-    x = x * np.asarray(STD, dtype=np.float32) + np.asarray(MEAN, dtype=np.float32)
-    return (x.clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def read_frames(paths: Sequence[Path]) -> np.ndarray:

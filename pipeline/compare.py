@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from bifit.report import format_mean_std, group_rows, markdown_table, text_table, write_csv
-from pipeline.config import REPO, load_pipeline_config
+from pipeline import tracking
+from pipeline.config import load_pipeline_config, resolve
 
 DEFAULT_METRICS = ("ytvos_jf", "ytvos_j", "ytvos_f", "ytvos_jf_shuffled")
 
@@ -34,11 +35,10 @@ def tracking_uri(params: Path, explicit: str | None = None) -> str:
 
 def latest_sweep(client, experiment: str):
     """The newest sweep parent run of `experiment` (tag kind=sweep)."""
-    exp = client.get_experiment_by_name(experiment)
+    exp = tracking.find_experiment(client, experiment)
     if exp is None:
         raise CompareError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'", order_by=["attributes.start_time DESC"],
-                              max_results=1)
+    runs = tracking.search_runs(client, exp, {"kind": "sweep"}, newest_first=True, max_results=1)
     if not runs:
         raise CompareError(f"experiment {experiment!r} has no sweep run (tag kind=sweep); run pipeline.tune first")
     return runs[0]
@@ -49,35 +49,31 @@ def load_runs(client, run_ids=(), experiment: str | None = None, parent: str | N
     """The runs to compare: explicit ids, every run of an experiment, or the children of a parent run
     ("latest": the newest sweep of `sweep_experiment`). Sorted by run name for ids/children, kept in order
     for explicit ids."""
-    from mlflow.exceptions import MlflowException
-
     if run_ids:
         runs = []
         for rid in run_ids:
             try:
-                runs.append(client.get_run(rid))
-            except MlflowException as err:
-                raise CompareError(f"run {rid!r}: not found at {client.tracking_uri} ({err.message})") from None
+                runs.append(tracking.get_run(client, rid))
+            except tracking.RunNotFound as err:
+                raise CompareError(f"run {rid!r}: {err}") from None
         return runs
     if parent is not None:
         if parent == "latest":
             parent_run = latest_sweep(client, sweep_experiment)
         else:
             try:
-                parent_run = client.get_run(parent)
-            except MlflowException as err:
-                raise CompareError(f"parent run {parent!r}: not found at {client.tracking_uri} "
-                                   f"({err.message})") from None
-        runs = client.search_runs([parent_run.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent_run.info.run_id}'")
+                parent_run = tracking.get_run(client, parent)
+            except tracking.RunNotFound as err:
+                raise CompareError(f"parent run {parent!r}: {err}") from None
+        runs = tracking.child_runs(client, parent_run)
         if not runs:
             raise CompareError(f"parent run {parent_run.info.run_id}: has no child runs")
         return sorted(runs, key=lambda r: r.info.run_name or "")
     if experiment is not None:
-        exp = client.get_experiment_by_name(experiment)
+        exp = tracking.find_experiment(client, experiment)
         if exp is None:
             raise CompareError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}")
-        runs = client.search_runs([exp.experiment_id])
+        runs = tracking.search_runs(client, exp)
         if not runs:
             raise CompareError(f"experiment {experiment!r}: has no runs")
         return sorted(runs, key=lambda r: r.info.run_name or "")
@@ -102,17 +98,20 @@ def run_rows(runs, metrics, columns=()) -> list[dict]:
 def checkpoint_of_run(client, run_id: str, dst: Path | None = None) -> Path:
     """A local checkpoint file of a run: the `checkpoint` tag (sweep trials) when that file exists here,
     else the run's `model/bifit.pth` artifact (train stage), downloaded to `dst`."""
-    run = client.get_run(run_id)
+    try:
+        run = tracking.get_run(client, run_id)
+    except tracking.RunNotFound as err:
+        raise CompareError(f"run {run_id!r}: {err}") from None
     local = run.data.tags.get("checkpoint")
     if local and Path(local).is_file():
         return Path(local)
-    names = [a.path for a in client.list_artifacts(run_id, "model")]
+    names = tracking.artifact_paths(client, run_id, "model")
     if "model/bifit.pth" not in names:
         raise CompareError(f"run {run_id}: no checkpoint (tag 'checkpoint' {local!r} is not a file here and the "
                            f"run has no model/bifit.pth artifact; artifacts under model/: {names})")
-    dst = Path(dst) if dst is not None else REPO / "runs" / "mlflow-downloads" / run_id
+    dst = Path(dst) if dst is not None else resolve("runs/mlflow-downloads") / run_id
     dst.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(run_id, "model/bifit.pth", str(dst)))
+    return tracking.download_artifact(client, run_id, "model/bifit.pth", dst)
 
 
 def plot_comparison(rows: list[dict], metrics, out: Path, group_by: str | None = None, title: str = "") -> Path:
@@ -161,16 +160,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     parser.add_argument("--columns", nargs="*", default=[], help="params or tags to show, e.g. model.hidden_dim")
     parser.add_argument("--group-by", help="a column (e.g. variant) to average over: mean ± std and n per value")
-    parser.add_argument("--out", default=str(REPO / "plots" / "compare.png"), help="the plot (PNG); a .md and a "
+    parser.add_argument("--out", default=str(resolve("plots/compare.png")), help="the plot (PNG); a .md and a "
                         ".csv with the same stem are written next to it")
     parser.add_argument("--tracking-uri")
-    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--params", default=str(resolve("params.yaml")))
     args = parser.parse_args(argv)
     if sum(bool(x) for x in (args.run_ids, args.experiment, args.parent)) != 1:
         parser.error("give exactly one of: RUN_ID..., --experiment NAME, --parent RUN_ID")
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(Path(args.params), args.tracking_uri))
+    client = tracking.client(tracking_uri(Path(args.params), args.tracking_uri))
     sweep_experiment = load_pipeline_config(args.params).tune.experiment
     try:
         runs = load_runs(client, args.run_ids, args.experiment, args.parent, sweep_experiment)

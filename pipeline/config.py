@@ -1,5 +1,7 @@
 """Pipeline settings: the library sections of params.yaml plus the orchestration ones (Ray, MLflow,
-the synthetic benchmark, paths). Everything is validated before Ray starts."""
+the synthetic benchmark, paths). Everything is validated before Ray starts (`validate` methods stating their rules
+with `bifit.config.check`, as in bifit/config.py). Every path of params.yaml is relative to the repository unless
+absolute; `resolve` is the one way to turn it into a Path."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bifit.config import Config, ConfigError, load_config, to_dict
+from bifit.config import Config, check, load_config, to_dict
 from bifit.data.synthetic import SyntheticConfig
 from bifit.data.synthetic_a2d import SyntheticA2DConfig
 from bifit.data.synthetic_davis import SyntheticDavisConfig
@@ -23,6 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 USER_MLFLOW_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def resolve(path: str | Path) -> Path:
+    """A path from params.yaml: relative to the repository unless absolute."""
+    p = Path(path)
+    return p if p.is_absolute() else REPO / p
+
+
+def _portable(path: str | None) -> str | None:
+    """A path inside the repository as a repository-relative one (so that moving the checkout keeps it); other
+    paths and hub ids unchanged."""
+    if path is None or not Path(path).is_absolute() or not Path(path).is_relative_to(REPO):
+        return path
+    return Path(path).relative_to(REPO).as_posix()
+
+
 @dataclass
 class RayConfig:
     address: str | None = None  # null: start a local Ray; RAY_ADDRESS in the environment joins a cluster
@@ -33,12 +49,9 @@ class RayConfig:
     storage_path: str = "runs/ray"
 
     def validate(self, where="ray"):
-        if self.num_workers < 1:
-            raise ConfigError(f"{where}.num_workers: expected an integer >= 1, got {self.num_workers}")
-        if self.cpus_per_worker < 1:
-            raise ConfigError(f"{where}.cpus_per_worker: expected an integer >= 1, got {self.cpus_per_worker}")
-        if self.max_failures < -1:
-            raise ConfigError(f"{where}.max_failures: expected -1 (unlimited) or >= 0, got {self.max_failures}")
+        check(self.num_workers >= 1, f"{where}.num_workers", "an integer >= 1", self.num_workers)
+        check(self.cpus_per_worker >= 1, f"{where}.cpus_per_worker", "an integer >= 1", self.cpus_per_worker)
+        check(self.max_failures >= -1, f"{where}.max_failures", "-1 (unlimited) or >= 0", self.max_failures)
 
     def resolved_address(self) -> str | None:
         return os.environ.get("RAY_ADDRESS") or self.address
@@ -52,13 +65,12 @@ class MlflowConfig:
     log_every_steps: int = 10
 
     def validate(self, where="mlflow"):
-        if self.log_every_steps < 1:
-            raise ConfigError(f"{where}.log_every_steps: expected an integer >= 1, got {self.log_every_steps}")
+        check(self.log_every_steps >= 1, f"{where}.log_every_steps", "an integer >= 1", self.log_every_steps)
 
     def resolved_uri(self) -> str:
         uri = USER_MLFLOW_TRACKING_URI or self.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(REPO / uri[len("sqlite:///"):])  # relative to the repository
+            uri = "sqlite:///" + str(resolve(uri[len("sqlite:///"):]))  # relative to the repository
         return uri
 
 
@@ -100,37 +112,27 @@ class SweepConfig:
     results_dir: str = "metrics/tune"  # trials.csv, variants.csv, results.md, summary.json
 
     def validate(self, where="tune"):
-        if not self.grid:
-            raise ConfigError(f"{where}.grid: expected at least one key with a list of values")
+        check(bool(self.grid), f"{where}.grid", "at least one key with a list of values", self.grid)
         for key, values in {**self.grid, **{k: [v] for k, v in self.trial_overrides.items()}}.items():
-            field_name = "grid" if key in self.grid else "trial_overrides"
+            at = f"{where}.{'grid' if key in self.grid else 'trial_overrides'}.{key}"
             section, dot, name = key.partition(".")
-            if not dot or section not in SWEEP_SECTIONS or not name:
-                raise ConfigError(f"{where}.{field_name}.{key}: expected a dotted key of a training section "
-                                  f"({', '.join(SWEEP_SECTIONS)}), e.g. model.inter_frame_layers")
-            if key == "train.seed":
-                raise ConfigError(f"{where}.{field_name}.train.seed: the seeds are set by {where}.seeds")
-            if not values:
-                raise ConfigError(f"{where}.grid.{key}: expected a non-empty list of values")
-            if len({repr(v) for v in values}) != len(values):
-                raise ConfigError(f"{where}.grid.{key}: expected distinct values, got {values}")
+            check(bool(dot) and section in SWEEP_SECTIONS and bool(name), at,
+                  f"a dotted key of a training section ({', '.join(SWEEP_SECTIONS)}), e.g. model.inter_frame_layers",
+                  key)
+            check(key != "train.seed", at, f"no such key (the seeds are set by {where}.seeds)", values)
+            check(bool(values), at, "a non-empty list of values", values)
+            check(len({repr(v) for v in values}) == len(values), at, "distinct values", values)
         both = sorted(set(self.grid) & set(self.trial_overrides))
-        if both:
-            raise ConfigError(f"{where}.trial_overrides: {both} are also searched in {where}.grid")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"{where}.seeds: expected a non-empty list of distinct integers, got {self.seeds}")
-        if self.benchmark not in EVALUATIONS:
-            raise ConfigError(f"{where}.benchmark: expected one of {', '.join(EVALUATIONS)}, got {self.benchmark!r}")
-        if self.eval_max_expressions is not None and self.eval_max_expressions < 1:
-            raise ConfigError(f"{where}.eval_max_expressions: expected null or an integer >= 1, "
-                              f"got {self.eval_max_expressions}")
+        check(not both, f"{where}.trial_overrides", f"no key also searched in {where}.grid", both)
+        check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), f"{where}.seeds",
+              "a non-empty list of distinct integers", self.seeds)
+        check(self.benchmark in EVALUATIONS, f"{where}.benchmark", f"one of {', '.join(EVALUATIONS)}", self.benchmark)
+        check(self.eval_max_expressions is None or self.eval_max_expressions >= 1, f"{where}.eval_max_expressions",
+              "null or an integer >= 1", self.eval_max_expressions)
         for name in ("max_concurrent_trials", "num_workers", "cpus_per_worker"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: expected an integer >= 1, got {getattr(self, name)}")
-        if self.max_failures < 0:
-            raise ConfigError(f"{where}.max_failures: expected an integer >= 0, got {self.max_failures}")
-        if not self.experiment:
-            raise ConfigError(f"{where}.experiment: expected a non-empty MLflow experiment name")
+            check(getattr(self, name) >= 1, f"{where}.{name}", "an integer >= 1", getattr(self, name))
+        check(self.max_failures >= 0, f"{where}.max_failures", "an integer >= 0", self.max_failures)
+        check(bool(self.experiment), f"{where}.experiment", "a non-empty MLflow experiment name", self.experiment)
 
 
 # --- datasets: the four benchmarks (pipeline/download.py, preprocess.py, evaluate_dataset.py, summary.py) ------
@@ -143,10 +145,8 @@ DataSource = Literal["synthetic", "real"]
 
 
 def _check_common(where: str, checkpoint: str, pins: str | None) -> None:
-    if not checkpoint:
-        raise ConfigError(f"{where}.checkpoint: expected the path of a checkpoint file, got an empty string")
-    if pins is not None and not pins:
-        raise ConfigError(f"{where}.pins: expected null or the path of a sha256sum-style file, got ''")
+    check(bool(checkpoint), f"{where}.checkpoint", "the path of a checkpoint file", checkpoint)
+    check(pins is None or bool(pins), f"{where}.pins", "null or the path of a sha256sum-style file", pins)
 
 
 @dataclass
@@ -170,8 +170,7 @@ class YtvosProxyConfig:
     checkpoint: str = "models/bifit.pth"
 
     def validate(self, where="datasets.ytvos_proxy"):
-        if not 0 < self.fraction < 1:
-            raise ConfigError(f"{where}.fraction: expected a number in (0, 1), got {self.fraction}")
+        check(0 < self.fraction < 1, f"{where}.fraction", "a number in (0, 1)", self.fraction)
         _check_common(where, self.checkpoint, None)
 
 
@@ -186,8 +185,7 @@ class DavisDatasetConfig:
 
     def validate(self, where="datasets.davis"):
         _check_common(where, self.checkpoint, self.pins)
-        if self.clip_length < 1:
-            raise ConfigError(f"{where}.clip_length: expected an integer >= 1, got {self.clip_length}")
+        check(self.clip_length >= 1, f"{where}.clip_length", "an integer >= 1", self.clip_length)
 
 
 @dataclass
@@ -212,9 +210,9 @@ class JHMDBDatasetConfig:
 
     def validate(self, where="datasets.jhmdb"):
         _check_common(where, self.checkpoint, self.pins)
-        if Path(self.root).name != "jhmdb_sentences":
-            raise ConfigError(f"{where}.root: expected a folder named 'jhmdb_sentences' (the released metadata "
-                              f"paths start with ./jhmdb_sentences/), got {self.root!r}")
+        check(Path(self.root).name == "jhmdb_sentences", f"{where}.root",
+              "a folder named 'jhmdb_sentences' (the released metadata paths start with ./jhmdb_sentences/)",
+              self.root)
 
 
 @dataclass
@@ -231,11 +229,6 @@ class DatasetsConfig:
         for name in EVALUATIONS:
             getattr(self, name).validate(f"{where}.{name}")
 
-    def resolve(self, path: str) -> Path:
-        """A params path, relative to the repository unless absolute."""
-        p = Path(path)
-        return p if p.is_absolute() else REPO / p
-
 
 @dataclass
 class PipelineConfig(Config):
@@ -249,30 +242,30 @@ class PipelineConfig(Config):
 
     def validate(self):
         super().validate()
-        if self.model.msda_backend == "cuda" and not self.ray.use_gpu:  # combinations that cannot work
-            raise ConfigError("model.msda_backend: expected 'auto', 'cpu' or 'pytorch' while ray.use_gpu is false "
-                              "(the 'cuda' kernels need GPU workers), got 'cuda'")
+        check(not (self.model.msda_backend == "cuda" and not self.ray.use_gpu), "model.msda_backend",
+              "'auto', 'cpu' or 'pytorch' while ray.use_gpu is false (the 'cuda' kernels need GPU workers)",
+              self.model.msda_backend)
         return self
 
-    def path(self, name: str) -> Path:
-        p = Path(getattr(self.paths, name))
-        return p if p.is_absolute() else REPO / p
-
     def resolve_paths(self) -> PipelineConfig:
-        """Make repository-relative paths absolute (Ray workers run in another working directory)."""
-        def absolute(p: str | None) -> str | None:
-            return p if p is None or Path(p).is_absolute() else str(REPO / p)
-
-        if (REPO / self.model.text_encoder).exists():
-            self.model.text_encoder = absolute(self.model.text_encoder)
-        self.model.backbone_weights = absolute(self.model.backbone_weights)
-        self.data.root = absolute(self.data.root)
+        """Make the repository-relative paths the workers read absolute (Ray workers run in another working
+        directory). The text encoder only when it is a local directory (else a hub id)."""
+        if resolve(self.model.text_encoder).exists():
+            self.model.text_encoder = str(resolve(self.model.text_encoder))
+        if self.model.backbone_weights is not None:
+            self.model.backbone_weights = str(resolve(self.model.backbone_weights))
+        self.data.root = str(resolve(self.data.root))
         return self
 
     def training_dict(self) -> dict:
-        """The settings that determine a trained model (their hash keys the resumable run folder)."""
+        """The settings that determine a trained model (their hash keys the resumable run folder). Not
+        model.msda_backend (kernels computing the same function); paths inside the repository as
+        repository-relative ones, so that a moved checkout resumes its runs."""
         d = to_dict(self)
         out = {k: d[k] for k in ("model", "matcher", "loss", "data", "train", "synthetic", "text_encoder_assets")}
+        del out["model"]["msda_backend"]
+        for section, key in (("model", "text_encoder"), ("model", "backbone_weights"), ("data", "root")):
+            out[section][key] = _portable(out[section][key])
         proxy = self.datasets.ytvos_proxy
         out["ytvos_proxy_held_out"] = proxy.fraction if proxy.exclude_from_training else 0.0
         return out
@@ -282,5 +275,7 @@ class PipelineConfig(Config):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def load_pipeline_config(path: str | Path = REPO / "params.yaml", overrides: dict | None = None) -> PipelineConfig:
+def load_pipeline_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """`path`: the params file (default: the repository's params.yaml)."""
+    path = resolve("params.yaml") if path is None else path
     return load_config(path, overrides=overrides, cls=PipelineConfig).resolve_paths()

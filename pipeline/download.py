@@ -40,7 +40,7 @@ from bifit.data.sources import (
     real_manifest,
     synthetic_manifest,
 )
-from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config
+from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config, resolve
 
 log = logging.getLogger("pipeline.download")
 
@@ -48,7 +48,7 @@ log = logging.getLogger("pipeline.download")
 def dataset_root(cfg: PipelineConfig, name: str) -> Path:
     if name == "ytvos":
         return Path(cfg.data.root)  # the training set (resolved by load_pipeline_config)
-    return cfg.datasets.resolve(getattr(cfg.datasets, name).root)
+    return resolve(getattr(cfg.datasets, name).root)
 
 
 def synthetic_config(cfg: PipelineConfig, name: str):
@@ -124,7 +124,7 @@ def download(cfg: PipelineConfig, name: str, fetch_missing: bool = False, progre
         raise KeyError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {name!r}")
     settings = getattr(cfg.datasets, name)
     root = dataset_root(cfg, name)
-    status_dir = cfg.datasets.resolve(cfg.datasets.status)
+    status_dir = resolve(cfg.datasets.status)
     status_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"dataset": name, "title": TITLES[name], "source": settings.source}
     if settings.source == "synthetic":
@@ -137,7 +137,7 @@ def download(cfg: PipelineConfig, name: str, fetch_missing: bool = False, progre
         report["obtained"] = get_real(name, root, fetch_missing, progress)
         manifest = real_manifest(name)
     if settings.pins:
-        manifest = with_pins(manifest, read_pins(cfg.datasets.resolve(settings.pins)))
+        manifest = with_pins(manifest, read_pins(resolve(settings.pins)))
     result = verify(manifest, root)
     report.update(ok=result.ok, problems=result.problems, found=result.checked)
     files = [e.path for e in manifest.items if e.kind == "file" and (root / e.path).is_file()]

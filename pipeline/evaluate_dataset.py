@@ -3,15 +3,19 @@
     python -m pipeline.evaluate_dataset --dataset {ytvos,ytvos_proxy,davis,a2d,jhmdb} [--params params.yaml]
         [--predictions DIR] [--plot CSV]
 
-The model is `datasets.<name>.checkpoint` (built with the `model` section), run on `eval.device` (auto: the GPU
-when torch sees one; cuda without one stops before the checkpoint is read) with `eval.amp` (bfloat16 autocast).
+The model is `datasets.<name>.checkpoint`, built with the architecture it was trained with (`bifit.load_model`:
+our checkpoints' saved config, official files' `args`; the `model` section only for an official file that records
+no args), run on `eval.device` (auto: the GPU when torch sees one; cuda without one stops before the checkpoint is
+read) with `eval.amp` (bfloat16 autocast).
 Each writes `<paths.metrics>/<name>.json` (fractions in [0, 1]; `eval_seconds` is the wall time of this
 evaluation; `device` and `amp` say how it was computed):
 
-- ytvos: Ref-YouTube-VOS valid, whole-video inference (pipeline/evaluate.py). With local GT (the synthetic
+- ytvos: Ref-YouTube-VOS valid, whole-video inference (bifit/eval/ytvos.py). With local GT (the synthetic
   set) J, F, J&F and the shuffled-expression control (keys `jf`, `j`, `f`, `jf_shuffled`, ...); with the real
-  data only the predicted masks for the submission zip (the package stage validates and zips them).
-- ytvos_proxy: the held-out training videos of bifit/eval/ytvos_proxy.py (the preprocess stage's list), J&F.
+  data only the predicted masks for the submission zip (the package stage validates and zips them). Masks:
+  `<predictions>/<video>/<exp_id>/<frame>.png`, 0/255 "L" PNGs at the original size.
+- ytvos_proxy: the held-out training videos of bifit/eval/ytvos_proxy.py (the preprocess stage's list), J&F, by
+  the same evaluator.
 - davis: Ref-DAVIS17 val, 24-frame clips, the toolkit's unsupervised protocol (Hungarian matching) per annotator
   run, the four runs averaged (bifit/eval/ref_davis.py); `anno_<a>/<seq>/<frame>.png` and the toolkit CSVs in the
   predictions folder. No per-expression score: the unsupervised GT ids are not the expressions' objects.
@@ -36,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bifit.inference import inference_settings, resolve_device
-from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config
+from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config, resolve
 from pipeline.preprocess import prepared_root
 
 log = logging.getLogger("pipeline.evaluate_dataset")
@@ -56,36 +59,45 @@ DEFAULT_OUTPUTS = {  # name -> (predictions folder next to paths.predictions, pl
 def default_outputs(cfg: PipelineConfig, name: str) -> tuple[Path, Path]:
     """(predictions folder, plot CSV) of an evaluation; dvc.yaml passes the same paths explicitly."""
     folder, plot = DEFAULT_OUTPUTS[name]
-    pred = cfg.path("predictions") if folder is None else cfg.path("predictions").parent / folder
-    return pred, cfg.path("plots") / plot
+    pred = resolve(cfg.paths.predictions) if folder is None else resolve(cfg.paths.predictions).parent / folder
+    return pred, resolve(cfg.paths.plots) / plot
 
 
 def checkpoint_path(cfg: PipelineConfig, name: str) -> Path:
-    return cfg.datasets.resolve(getattr(cfg.datasets, name).checkpoint)
+    return resolve(getattr(cfg.datasets, name).checkpoint)
 
 
-def load_model(cfg: PipelineConfig, path: Path, device: torch.device | None = None):
-    """(model on `device`, tokenizer, checkpoint dict) from one of our checkpoints or an official BIFIT one
-    (ytvos_r50.pth, a2d_r50.pth: built with the `model` section, e.g. the paper overlay). device None:
-    `eval.device` resolved."""
-    from bifit.checkpoint import CheckpointError, load_official
-    from pipeline.evaluate import build_from_checkpoint
+def load_eval_model(cfg: PipelineConfig, path: Path, device: torch.device | None = None):
+    """`bifit.load_model` for an evaluation (a `bifit.loading.LoadedModel`: model on `device`, its config,
+    tokenizer, the checkpoint's other entries). The architecture is the checkpoint's; the settings take from
+    params.yaml only `model.msda_backend`, `model.text_encoder` where the file names no text encoder available
+    here (official files; ours trained on another machine) and, for an official file without `args` (e.g.
+    ytvos_r50.pth), the `model` section (e.g. the paper overlay). device None: `eval.device` resolved."""
+    from bifit import load_model
 
-    device = device or resolve_device(cfg.eval.device)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (datasets.*.checkpoint in params.yaml)")
     try:
-        return build_from_checkpoint(cfg, path, device)
-    except CheckpointError:
-        from transformers import AutoTokenizer
+        return load_model(path, overrides={"msda_backend": cfg.model.msda_backend},
+                          device=device or resolve_device(cfg.eval.device), architecture=cfg.model,
+                          text_encoder_fallback=cfg.model.text_encoder)
+    except FileNotFoundError as err:
+        err.add_note("the checkpoint of an evaluation is datasets.<name>.checkpoint in params.yaml")
+        raise
 
-        from bifit.models import build_model
 
-        model = build_model(cfg.model)
-        extra = load_official(path, model)
-        log.info("%s: official checkpoint loaded", path)
-        return (model.to(device).eval(), AutoTokenizer.from_pretrained(cfg.model.text_encoder),
-                {"official": extra.get("epoch")})
+def log_eval_settings(client, run_id: str, name: str, settings: dict) -> None:
+    """`<name>_eval_device` / `<name>_eval_amp` as params of an MLflow run. MLflow params cannot change: a rerun
+    computed another way records its values as tags of the same names instead, with a warning."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    values = {f"{name}_eval_{k}": str(v) for k, v in settings.items()}
+    try:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
+    except MlflowException as err:
+        log.warning("run %s already records other evaluation settings (%s); this evaluation's are tags: %s",
+                    run_id, err, values)
+        for k, v in values.items():
+            client.set_tag(run_id, k, v)
 
 
 def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
@@ -101,55 +113,31 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def eval_ytvos(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
-    from bifit.data import inference_expressions
-    from pipeline.evaluate import evaluate
+    from bifit.data.ytvos import NUM_VALID_VIDEOS
+    from bifit.eval import ytvos
 
-    root = Path(cfg.data.root)
-    if all(e.obj_id is not None for e in inference_expressions(root, "valid")):
-        metrics, _, per_video = evaluate(cfg, model, tokenizer, pred_dir)
-        write_rows(plot, ["video", "jf"], [[v, f"{s:.6f}"] for v, s in sorted(per_video.items())])
+    root, options = Path(cfg.data.root), ytvos.inference_options(cfg)
+    if ytvos.has_local_ground_truth(root):
+        metrics, result = ytvos.evaluate_valid(model, tokenizer, root, seed=cfg.train.seed, out_dir=pred_dir,
+                                               **options)
+        write_rows(plot, ["video", "jf"], [[v, f"{s:.6f}"] for v, s in sorted(result.per_video().items())])
         return metrics
-    return predict_ytvos_valid(cfg, model, tokenizer, root, pred_dir, plot)
-
-
-def predict_ytvos_valid(cfg, model, tokenizer, root: Path, pred_dir: Path, plot: Path) -> dict:
-    """Real Ref-YouTube-VOS: no local GT, only the masks of the 202 valid videos for the submission zip."""
-    from bifit.data import inference_expressions, load_video
-    from bifit.data.ytvos import NUM_VALID_VIDEOS, inference_videos
-    from bifit.inference import predict_video
-    from pipeline.evaluate import save_masks
-
-    videos = inference_videos(root, "valid", expected_count=NUM_VALID_VIDEOS)
-    expressions = inference_expressions(root, "valid", videos)
-    by_video: dict[str, list] = {}
-    for e in expressions:
-        by_video.setdefault(e.video, []).append(e)
-    for video, exps in tqdm(by_video.items(), desc="ytvos valid", unit="video"):
-        frames, orig_size = load_video(root, video, exps[0].frames, "valid", short_side=cfg.data.eval_short_side)
-        # raw captions: the submission must use the tokens the official inference feeds
-        preds = predict_video(model, tokenizer, frames, [e.caption for e in exps], orig_size,
-                              cfg.eval.num_frames or None, cfg.eval.threshold, cfg.eval.batch_expressions,
-                              cfg.eval.amp)
-        for e, p in zip(exps, preds):
-            save_masks(pred_dir / e.video / e.exp_id, e.frames, p.masks)
+    # real Ref-YouTube-VOS: no local GT, only the masks of the 202 valid videos for the submission zip
+    metrics = ytvos.predict_valid(model, tokenizer, root, pred_dir, expected_videos=NUM_VALID_VIDEOS, **options)
     write_rows(plot, ["video", "jf"], [])
     log.warning("Ref-YouTube-VOS valid has no public ground truth: masks written to %s for the submission zip "
                 "(package stage); compare runs locally with the ytvos_proxy evaluation", pred_dir)
-    return {"num_videos": len(by_video), "num_expressions": len(expressions), "scored_locally": 0}
+    return metrics
 
 
 def eval_ytvos_proxy(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
+    from bifit.eval.ytvos import inference_options
     from bifit.eval.ytvos_proxy import PROXY_LIST_NAME, evaluate_proxy, read_video_list
 
     videos = read_video_list(prepared_root(cfg, "ytvos") / PROXY_LIST_NAME)
-    metrics, rows = evaluate_proxy(model, tokenizer, Path(cfg.data.root), videos,
-                                   short_side=cfg.data.eval_short_side, window=cfg.eval.num_frames or None,
-                                   threshold=cfg.eval.threshold, batch=cfg.eval.batch_expressions, out_dir=pred_dir,
-                                   skip_bad_samples=cfg.data.skip_bad_samples, amp=cfg.eval.amp)
-    per_video: dict[str, list[float]] = {}
-    for r in rows:
-        per_video.setdefault(r["video"], []).append(r["jf"])
-    write_rows(plot, ["video", "jf"], [[v, f"{np.mean(s):.6f}"] for v, s in sorted(per_video.items())])
+    metrics, result = evaluate_proxy(model, tokenizer, Path(cfg.data.root), videos, out_dir=pred_dir,
+                                     skip_bad_samples=cfg.data.skip_bad_samples, **inference_options(cfg))
+    write_rows(plot, ["video", "jf"], [[v, f"{s:.6f}"] for v, s in sorted(result.per_video().items())])
     metrics["held_out_of_training"] = int(cfg.datasets.ytvos_proxy.exclude_from_training)
     return metrics
 
@@ -213,8 +201,6 @@ def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | N
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import log_eval_settings
-
     mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
     values = {mlflow_metric_name(name, k): float(v) for k, v in metrics.items()
               if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
@@ -249,15 +235,15 @@ def evaluate_dataset(cfg: PipelineConfig, name: str, predictions: Path | None = 
     pred_dir, plot = Path(predictions or default_pred), Path(plot or default_plot)
     ckpt_path = checkpoint_path(cfg, name)
     start = time.perf_counter()
-    model, tokenizer, ckpt = load_model(cfg, ckpt_path, device)
-    metrics = EVALUATORS[name](cfg, model, tokenizer, pred_dir, plot)
+    loaded = load_eval_model(cfg, ckpt_path, device)
+    metrics = EVALUATORS[name](cfg, loaded.model, loaded.tokenizer, pred_dir, plot)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
-    metrics.update(inference_settings(model, cfg.eval.amp))
-    out = cfg.path("metrics") / f"{name}.json"
+    metrics.update(inference_settings(loaded.model, cfg.eval.amp))
+    out = resolve(cfg.paths.metrics) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=1) + "\n")
     if use_mlflow:
-        log_to_mlflow(cfg, name, metrics, ckpt.get("mlflow_run_id"), ckpt_path, [out, plot])
+        log_to_mlflow(cfg, name, metrics, loaded.checkpoint.get("mlflow_run_id"), ckpt_path, [out, plot])
     return metrics
 
 

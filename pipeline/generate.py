@@ -10,7 +10,7 @@ import json
 import logging
 
 from bifit.data import expression_corpus, generate_benchmark, write_text_encoder_assets
-from pipeline.config import load_pipeline_config
+from pipeline.config import load_pipeline_config, resolve
 
 log = logging.getLogger("pipeline.generate")
 
@@ -21,9 +21,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_pipeline_config(args.params)
-    ytvos_root = cfg.path("synthetic_root") / "ref-youtube-vos"
+    ytvos_root = resolve(cfg.paths.synthetic_root) / "ref-youtube-vos"
     summary = generate_benchmark(cfg.synthetic, ytvos_root, progress=True, overwrite=False)
-    te_dir = write_text_encoder_assets(cfg.path("text_encoder_dir"), expression_corpus(ytvos_root),
+    te_dir = write_text_encoder_assets(resolve(cfg.paths.text_encoder_dir), expression_corpus(ytvos_root),
                                        cfg.text_encoder_assets)
     log.info("benchmark at %s (%s train / %s valid videos), text encoder at %s", ytvos_root,
              summary["train_videos"], summary["valid_videos"], te_dir)

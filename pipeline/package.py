@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bifit.data import inference_expressions
-from pipeline.config import load_pipeline_config
+from pipeline.config import load_pipeline_config, resolve
 
 log = logging.getLogger("pipeline.package")
 
@@ -72,10 +72,10 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_pipeline_config(args.params)
-    files = check_predictions(cfg.path("predictions"), Path(cfg.data.root))
-    write_zip(files, cfg.path("submission"))
-    log.info("wrote %s (%d masks)", cfg.path("submission"), len(files))
-    return cfg.path("submission")
+    files = check_predictions(resolve(cfg.paths.predictions), Path(cfg.data.root))
+    write_zip(files, resolve(cfg.paths.submission))
+    log.info("wrote %s (%d masks)", resolve(cfg.paths.submission), len(files))
+    return resolve(cfg.paths.submission)
 
 
 if __name__ == "__main__":

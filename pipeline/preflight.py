@@ -31,9 +31,7 @@ def check_training_data(cfg: PipelineConfig, skip_log: Path | None = None) -> in
     the skips with data.skip_bad_samples) and check that they fill at least one step. Returns the sample count."""
     from bifit.data import SYNTHETIC_CATEGORIES, YTVOSDataset
 
-    d = cfg.data
-    if d.dataset != "ytvos":  # the train stage reads Ref-YouTube-VOS-format data only
-        raise ConfigError(f"data.dataset: the train stage trains on 'ytvos'-format data, got {d.dataset!r}")
+    d = cfg.data  # the train stage reads Ref-YouTube-VOS-format data at data.root
     categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
     dataset = YTVOSDataset(d.root, "train", d.num_frames, categories=categories, skip_bad_samples=d.skip_bad_samples,
                            skip_log=skip_log)

@@ -26,14 +26,14 @@ import shutil
 from pathlib import Path
 
 from bifit.data.fsutil import replace_dir
-from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config
+from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config, resolve
 from pipeline.download import dataset_root
 
 log = logging.getLogger("pipeline.preprocess")
 
 
 def prepared_root(cfg: PipelineConfig, name: str) -> Path:
-    return cfg.datasets.resolve(cfg.datasets.prepared) / name
+    return resolve(cfg.datasets.prepared) / name
 
 
 def prepare_ytvos(cfg: PipelineConfig, raw: Path, out: Path) -> dict:

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config
+from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config, resolve
 
 # BIFIT (ResNet-50) as reported in its README; DATASETS_AND_EVAL.md section 0
 PAPER = {
@@ -52,7 +52,7 @@ def _fmt(v) -> str:
 def summary_rows(cfg: PipelineConfig) -> tuple[list[list[str]], list[str]]:
     rows, notes = [], []
     for name in EVALUATIONS:
-        path = cfg.path("metrics") / f"{name}.json"
+        path = resolve(cfg.paths.metrics) / f"{name}.json"
         source = _source(cfg, name)
         data = "synthetic (not comparable)" if source == "synthetic" else "real"
         ckpt = getattr(cfg.datasets, name).checkpoint
@@ -99,7 +99,7 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     cfg = load_pipeline_config(args.params)
     text = render(*summary_rows(cfg))
-    out = args.out or cfg.path("metrics") / "summary.md"
+    out = args.out or resolve(cfg.paths.metrics) / "summary.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -6,6 +6,10 @@ Checkpoints: every epoch, rank 0 writes `runs/train/<config hash>/epoch_NNNN.pth
 reports it to Ray Train. A rerun with the same settings resumes from the newest readable checkpoint
 (Ray's own restored checkpoint first, then that folder); a corrupt file is skipped with a warning.
 The final model is written to `paths.model` (a DVC output).
+
+MLflow (pipeline/tracking.py): the run is RUNNING while the stage trains, FINISHED once the final model is logged
+(the checkpoint as `model/bifit.pth` and as the pyfunc model `bifit`), FAILED when the stage raises; the workers
+log to it by run id.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bifit.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from bifit.config import flatten, to_dict
-from pipeline.config import REPO, PipelineConfig, load_pipeline_config
+from pipeline import tracking
+from pipeline.config import PipelineConfig, load_pipeline_config, resolve
 from pipeline.faults import (
     SKIP_LOG_FILE,
     append_event,
@@ -49,7 +57,7 @@ def truncate_loss_csv(path: Path, last_step: int) -> None:
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
-    return cfg.path("runs") / "train" / cfg.training_hash()
+    return resolve(cfg.paths.runs) / "train" / cfg.training_hash()
 
 
 def latest_checkpoint(folder: Path) -> dict | None:
@@ -85,16 +93,16 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
     resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
                           crop_resize_scales=tuple(d.crop_resize_scales), crop_min=d.crop_min, crop_max=d.crop_max)
     categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
-    dataset = YTVOSDataset(d.root, "train", d.num_frames,
-                           transforms=make_train_transforms(resize, photometric=d.photometric), categories=categories,
-                           skip_bad_samples=d.skip_bad_samples, skip_log=skip_log,
-                           expressions_per_clip=d.expressions_per_clip)
+    held_out = []
     proxy = cfg.datasets.ytvos_proxy  # the local-proxy videos (bifit/eval/ytvos_proxy.py) stay unseen
     if proxy.exclude_from_training:
-        from bifit.eval.ytvos_proxy import hold_out, proxy_videos
+        from bifit.eval.ytvos_proxy import proxy_videos
 
-        hold_out(dataset, proxy_videos(d.root, proxy.fraction))
-    return dataset
+        held_out = proxy_videos(d.root, proxy.fraction)
+    return YTVOSDataset(d.root, "train", d.num_frames,
+                        transforms=make_train_transforms(resize, photometric=d.photometric), categories=categories,
+                        skip_bad_samples=d.skip_bad_samples, skip_log=skip_log,
+                        expressions_per_clip=d.expressions_per_clip, exclude_videos=held_out)
 
 
 def _loader(cfg: PipelineConfig, dataset, world: int, rank: int):
@@ -117,147 +125,212 @@ def _loader(cfg: PipelineConfig, dataset, world: int, rank: int):
                                drop_last=True, **workers)
 
 
-def _mlflow_logger(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None = None):
-    if run_id is None:
-        return None
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+@dataclass
+class _Worker:
+    """One Ray Train worker's training, from set-up to the last epoch."""
 
-    client = MlflowClient(tracking_uri=tracking_uri or cfg.mlflow.resolved_uri())
-    buffer: list = []
-
-    def log_metrics(step: int, values: dict, flush: bool = False):
-        ts = int(time.time() * 1000)
-        buffer.extend(Metric(k.replace("/", "_"), float(v), ts, step) for k, v in values.items())
-        if flush or len(buffer) >= 200 or step % cfg.mlflow.log_every_steps == 0:
-            client.log_batch(run_id, metrics=buffer[:])
-            buffer.clear()
-
-    return log_metrics
+    cfg: PipelineConfig
+    rank: int
+    world: int
+    folder: Path  # the run folder: checkpoints, events, skip log
+    loss_csv: Path
+    run_id: str | None  # the MLflow run; rank 0 logs to it
+    log_metrics: Callable | None  # rank 0 with an MLflow run: tracking.metric_logger
+    device: torch.device
+    tokenizer: Any
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start_epoch: int = 0
+    global_step: int = 0
+    skipped_nonfinite: int = 0  # run totals, carried over by the checkpoints
+    redrawn: int = 0  # clips redrawn for lack of a valid frame (summed over ranks and DataLoader workers)
+    sampler: Any = None  # with the loader, set by _distribute
+    loader: Any = None
+    steps_per_epoch: int = 0
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
+    """Runs on every Ray Train worker: set up, resume, distribute, then per epoch: train, checkpoint (rank 0),
+    report."""
+    if read_fatal(config["run_dir"]) is not None:  # stopped for good earlier in this run: a retry would repeat it
+        return
+    worker = _set_up(config)
+    _resume(worker)
+    _distribute(worker)
+    for epoch in range(worker.start_epoch, worker.cfg.train.epochs):
+        metrics = _train_epoch(worker, epoch)
+        checkpoint = _save_checkpoint(worker, epoch, metrics) if worker.rank == 0 else None
+        _report(worker, epoch, metrics, checkpoint)
 
-    from bifit.data.ytvos import read_skip_log
-    from bifit.engine import (
-        NonFiniteLossError,
-        build_optimizer,
-        seed_epoch,
-        set_deterministic,
-        train_one_epoch,
-    )
+
+def _set_up(config: dict) -> _Worker:
+    """Seeds, threads, the model on this worker's device, criterion, optimizer and (rank 0) the MLflow logger."""
+    import ray.train
+    import ray.train.torch
+
+    from bifit.engine import build_optimizer, set_deterministic
 
     cfg: PipelineConfig = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if read_fatal(config["run_dir"]) is not None:  # stopped for good earlier in this run: a retry would repeat it
-        return
     if cfg.train.deterministic:
         set_deterministic()
     torch.set_num_threads(cfg.ray.cpus_per_worker)
-    seed = cfg.train.seed + rank
-    random.seed(seed)
+    random.seed(cfg.train.seed + rank)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device = ray.train.torch.get_device()
-
     tokenizer, model, criterion = _build(cfg)
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg.train)
-    start_epoch, global_step = 0, 0
-    folder = Path(config["run_dir"])
-    ckpt = latest_checkpoint(folder)
-    ray_ckpt = ray.train.get_checkpoint()
-    if ray_ckpt is not None:  # Ray's restored checkpoint wins when it is newer than the run folder's
-        with ray_ckpt.as_directory() as d:
-            restored = latest_checkpoint(Path(d))
-            if restored is not None and (ckpt is None or restored["epoch"] > ckpt["epoch"]):
-                ckpt = restored
-                if rank == 0:
-                    copy = folder / Path(restored["path"]).name
-                    atomic_save({k: v for k, v in restored.items() if k != "path"}, copy)
-                    ckpt["path"] = str(copy)
+    run_id = config.get("mlflow_run_id")
+    log_metrics = tracking.metric_logger(config.get("mlflow_uri") or cfg.mlflow.resolved_uri(), run_id,
+                                         cfg.mlflow.log_every_steps) if rank == 0 else None
+    return _Worker(cfg=cfg, rank=rank, world=world, folder=Path(config["run_dir"]), loss_csv=Path(config["loss_csv"]),
+                   run_id=run_id, log_metrics=log_metrics, device=device, tokenizer=tokenizer, model=model,
+                   criterion=criterion, optimizer=optimizer, scheduler=scheduler)
+
+
+def _resume(w: _Worker) -> None:
+    """Continue from the newest readable checkpoint, if any: weights, optimizer, scheduler, step, run totals; rank 0
+    drops the loss-CSV rows after it and records a `start` or `resume` event."""
+    ckpt = _newest_checkpoint(w)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
-        if rank == 0:
+        w.model.load_state_dict(ckpt["model"])
+        w.optimizer.load_state_dict(ckpt["optimizer"])
+        w.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        w.start_epoch, w.global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+        w.skipped_nonfinite = ckpt.get("skipped_nonfinite_batches", 0)
+        w.redrawn = ckpt.get("redrawn_samples", 0)
+        if w.rank == 0:
             print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch'] + 1} done)", flush=True)
-            truncate_loss_csv(Path(config["loss_csv"]), global_step)
-    if rank == 0:
-        append_event(folder, "resume" if ckpt else "start", epoch=start_epoch, global_step=global_step,
-                     checkpoint=ckpt and ckpt["path"], world_size=world)
-    skipped_nonfinite = ckpt.get("skipped_nonfinite_batches", 0) if ckpt else 0
-    redrawn = ckpt.get("redrawn_samples", 0) if ckpt else 0  # clips redrawn for lack of a valid frame (run total)
-    model = ray.train.torch.prepare_model(model)
+            truncate_loss_csv(w.loss_csv, w.global_step)
+    if w.rank == 0:
+        append_event(w.folder, "resume" if ckpt else "start", epoch=w.start_epoch, global_step=w.global_step,
+                     checkpoint=ckpt and ckpt["path"], world_size=w.world)
 
-    dataset = _dataset(cfg, skip_log=folder / SKIP_LOG_FILE)
-    sampler, loader = _loader(cfg, dataset, world, rank)
-    steps_per_epoch = len(loader) if cfg.train.max_steps_per_epoch is None else min(
-        len(loader), cfg.train.max_steps_per_epoch)
-    log_metrics = _mlflow_logger(cfg, config.get("mlflow_run_id"), config.get("mlflow_uri")) if rank == 0 else None
-    loss_csv = Path(config["loss_csv"])
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        sampler.set_epoch(epoch)
-        seed_epoch(cfg.train.seed, rank, epoch)  # a restarted epoch replays the uninterrupted run's draws
-        bar = None
-        if rank == 0:
-            from tqdm import tqdm
+def _newest_checkpoint(w: _Worker) -> dict | None:
+    """The run folder's newest readable checkpoint, or Ray's restored one when that is newer (rank 0 then copies
+    it into the run folder)."""
+    import ray.train
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", file=sys.stdout,
-                       mininterval=5, dynamic_ncols=False, ncols=100)
+    ckpt = latest_checkpoint(w.folder)
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is None:
+        return ckpt
+    with ray_ckpt.as_directory() as d:
+        restored = latest_checkpoint(Path(d))
+        if restored is None or (ckpt is not None and restored["epoch"] <= ckpt["epoch"]):
+            return ckpt
+        if w.rank == 0:
+            copy = w.folder / Path(restored["path"]).name
+            atomic_save({k: v for k, v in restored.items() if k != "path"}, copy)
+            restored["path"] = str(copy)
+        return restored
 
-        def on_step(step, values, bar=bar, epoch=epoch):
-            if rank != 0:
-                return
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if log_metrics:
-                log_metrics(step, values)
-            with loss_csv.open("a") as fh:
-                fh.write(f"{step},{epoch},{values['loss']:.6f},{values['loss_mask']:.6f},{values['loss_dice']:.6f}\n")
 
-        try:
-            stats = train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch,
-                                    cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
-                                    skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
-                                    on_step=on_step, global_step=global_step)
-        except NonFiniteLossError as err:  # every rank raises the same gathered message
-            if rank == 0:
-                write_fatal(folder, err, rank)
-            raise
-        global_step = stats["global_step"]
-        scheduler.step()
-        metrics = {f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
-        metrics["clips_per_s_total"] = stats["clips_per_s"] * world
-        skipped_nonfinite += stats["skipped_steps"]
-        metrics["skipped_nonfinite_batches"] = skipped_nonfinite  # run totals, also logged to MLflow
-        metrics["skipped_samples"] = len(read_skip_log(folder / SKIP_LOG_FILE))
-        redrawn += stats["redrawn_samples"]  # already summed over ranks and DataLoader workers
-        metrics["redrawn_samples"] = redrawn
-        if rank == 0:
-            bar.close()
-            state = {"format": "bifit-checkpoint-v1", "model": getattr(model, "module", model).state_dict(),
-                     "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
-                     "metrics": metrics, "mlflow_run_id": config.get("mlflow_run_id"),
-                     "skipped_nonfinite_batches": skipped_nonfinite, "redrawn_samples": redrawn}
-            path = folder / f"epoch_{epoch:04d}.pth"
-            atomic_save(state, path)
-            if log_metrics:
-                log_metrics(global_step, {"skipped_nonfinite_batches": skipped_nonfinite,
-                                          "skipped_samples": metrics["skipped_samples"], "redrawn_samples": redrawn})
-                log_metrics(global_step, {f"epoch_{k}": v for k, v in metrics.items()}, flush=True)
-            print(f"[bifit] epoch {epoch + 1}: loss {stats.get('loss', float('nan')):.4f}, "
-                  f"{metrics['clips_per_s_total']:.2f} clips/s; checkpoint {path}", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                os.link(path, Path(tmp) / path.name) if _same_fs(path, tmp) else shutil.copy(path, tmp)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+def _distribute(w: _Worker) -> None:
+    """DDP from the resumed weights, and this rank's share of the training data."""
+    import ray.train.torch
+
+    w.model = ray.train.torch.prepare_model(w.model)
+    dataset = _dataset(w.cfg, skip_log=w.folder / SKIP_LOG_FILE)
+    w.sampler, w.loader = _loader(w.cfg, dataset, w.world, w.rank)
+    limit = w.cfg.train.max_steps_per_epoch
+    w.steps_per_epoch = len(w.loader) if limit is None else min(len(w.loader), limit)
+
+
+def _train_epoch(w: _Worker, epoch: int) -> dict:
+    """One epoch on this rank; returns its metrics with the run totals. A non-finite loss (not skipped) stops the
+    run for good: rank 0 records it (faults.write_fatal), then every rank raises the same gathered message."""
+    from bifit.engine import NonFiniteLossError, seed_epoch, train_one_epoch
+
+    cfg = w.cfg
+    w.sampler.set_epoch(epoch)
+    seed_epoch(cfg.train.seed, w.rank, epoch)  # a restarted epoch replays the uninterrupted run's draws
+    on_step, close = _step_logger(w, epoch)
+    try:
+        stats = train_one_epoch(w.model, w.criterion, w.loader, w.optimizer, w.tokenizer, w.device, epoch,
+                                cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
+                                skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
+                                on_step=on_step, global_step=w.global_step)
+    except NonFiniteLossError as err:  # every rank raises the same gathered message
+        if w.rank == 0:
+            write_fatal(w.folder, err, w.rank)
+        raise
+    close()
+    w.global_step = stats["global_step"]
+    w.scheduler.step()
+    return _epoch_metrics(w, stats)
+
+
+def _step_logger(w: _Worker, epoch: int):
+    """(on_step, close) for one epoch: on rank 0 a progress bar, each step's values to MLflow and its losses to the
+    loss CSV; nothing on the other ranks."""
+    if w.rank != 0:
+        return (lambda step, values: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=w.steps_per_epoch, desc=f"epoch {epoch + 1}/{w.cfg.train.epochs}", file=sys.stdout,
+               mininterval=5, dynamic_ncols=False, ncols=100)
+
+    def on_step(step, values):
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.3f}")
+        if w.log_metrics:
+            w.log_metrics(step, values)
+        with w.loss_csv.open("a") as fh:
+            fh.write(f"{step},{epoch},{values['loss']:.6f},{values['loss_mask']:.6f},{values['loss_dice']:.6f}\n")
+
+    return on_step, bar.close
+
+
+def _epoch_metrics(w: _Worker, stats: dict) -> dict:
+    """The epoch's numbers as `train_*`, the throughput of all ranks, and the run totals of skipped non-finite
+    batches, skipped samples (the skip log) and redrawn clips (also logged to MLflow)."""
+    from bifit.data.ytvos import read_skip_log
+
+    metrics = {f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+    metrics["clips_per_s_total"] = stats["clips_per_s"] * w.world
+    w.skipped_nonfinite += stats["skipped_steps"]
+    metrics["skipped_nonfinite_batches"] = w.skipped_nonfinite
+    metrics["skipped_samples"] = len(read_skip_log(w.folder / SKIP_LOG_FILE))
+    w.redrawn += stats["redrawn_samples"]  # already summed over ranks and DataLoader workers
+    metrics["redrawn_samples"] = w.redrawn
+    return metrics
+
+
+def _save_checkpoint(w: _Worker, epoch: int, metrics: dict) -> Path:
+    """Rank 0: `epoch_NNNN.pth` in the run folder, written atomically; everything a resume needs."""
+    state = {"format": "bifit-checkpoint-v1", "model": getattr(w.model, "module", w.model).state_dict(),
+             "config": to_dict(w.cfg), "optimizer": w.optimizer.state_dict(),
+             "lr_scheduler": w.scheduler.state_dict(), "epoch": epoch, "global_step": w.global_step,
+             "metrics": metrics, "mlflow_run_id": w.run_id,
+             "skipped_nonfinite_batches": w.skipped_nonfinite, "redrawn_samples": w.redrawn}
+    path = w.folder / f"epoch_{epoch:04d}.pth"
+    atomic_save(state, path)
+    return path
+
+
+def _report(w: _Worker, epoch: int, metrics: dict, checkpoint: Path | None) -> None:
+    """The epoch's metrics to Ray Train; rank 0 also logs them (and the run totals) to MLflow, prints a line and
+    hands Ray Train the checkpoint (hard-linked into its upload folder on the same file system, else copied)."""
+    import ray.train
+
+    if checkpoint is None:
+        ray.train.report(metrics)
+        return
+    if w.log_metrics:
+        w.log_metrics(w.global_step, {"skipped_nonfinite_batches": w.skipped_nonfinite,
+                                      "skipped_samples": metrics["skipped_samples"], "redrawn_samples": w.redrawn})
+        w.log_metrics(w.global_step, {f"epoch_{k}": v for k, v in metrics.items()}, flush=True)
+    print(f"[bifit] epoch {epoch + 1}: loss {metrics.get('train_loss', float('nan')):.4f}, "
+          f"{metrics['clips_per_s_total']:.2f} clips/s; checkpoint {checkpoint}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.link(checkpoint, Path(tmp) / checkpoint.name) if _same_fs(checkpoint, tmp) else shutil.copy(checkpoint, tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _same_fs(a: Path, b: str) -> bool:
@@ -271,31 +344,42 @@ def _same_fs(a: Path, b: str) -> bool:
 # driver side
 
 
-def start_mlflow_run(cfg: PipelineConfig, folder: Path) -> str:
-    """The MLflow run of this training (reused when the stage resumes)."""
-    import mlflow
+def start_mlflow_run(cfg: PipelineConfig, folder: Path) -> tuple[str, bool]:
+    """(run id, whether this stage ends the run) of this training's MLflow run, RUNNING from here on.
 
-    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+    A rerun of the stage resumes its run (marked RUNNING again). A run folder whose id file another stage wrote (a
+    sweep's trial, pipeline.tune, which ends that run itself) logs into that run and leaves its status alone. A run
+    id the tracking store does not know (a new store) is replaced by a new run, with a warning."""
+    uri = cfg.mlflow.resolved_uri()
     id_file = folder / "mlflow_run_id"
     if id_file.exists():
-        return id_file.read_text().strip()
-    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-        cfg.mlflow.experiment, artifact_location=(REPO / cfg.mlflow.artifact_location).as_uri())
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{cfg.training_hash()}") as run:
-        params = flatten(cfg.training_dict())
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.set_tags({"stage": "train", "config_hash": cfg.training_hash(),
-                         "inter_frame_layers": cfg.model.inter_frame_layers,
-                         "bidirectional_vl": cfg.model.bidirectional_vl})
-    id_file.write_text(run.info.run_id)
-    return run.info.run_id
+        run_id = id_file.read_text().strip()
+        try:
+            owned = tracking.run_tags(uri, run_id).get("stage") == "train"
+        except tracking.RunNotFound as err:
+            log.warning("%s (from %s): starting a new MLflow run", err, id_file)
+        else:
+            if owned:
+                tracking.set_status(uri, run_id, "RUNNING")
+            return run_id, owned
+    run_id = tracking.create_run(uri, cfg.mlflow.experiment, resolve(cfg.mlflow.artifact_location),
+                                 run_name=f"train-{cfg.training_hash()}", params=flatten(cfg.training_dict()),
+                                 tags={"stage": "train", "config_hash": cfg.training_hash(),
+                                       "inter_frame_layers": cfg.model.inter_frame_layers,
+                                       "bidirectional_vl": cfg.model.bidirectional_vl})
+    id_file.write_text(run_id)
+    return run_id, True
 
 
-def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> dict:
+def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, end_run: bool = True) -> dict:
+    """Train on Ray Train from the newest readable checkpoint of the run folder to `train.epochs`; returns
+    {final (checkpoint), run_id, seconds, folder, loss_csv}.
+
+    The MLflow run is RUNNING while this trains and FAILED when anything here raises (a worker's error, a Ray
+    failure, an interrupt); it is FINISHED on return unless `end_run` is false (`main` ends it once the model is
+    logged) or it is a sweep trial's run (ended by pipeline.tune)."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import TrainingFailedError
 
     from pipeline.preflight import check_local_resources, check_training_data
 
@@ -307,83 +391,108 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None) -> di
     check_training_data(cfg, skip_log=folder / SKIP_LOG_FILE)
     clear_fatal(folder)
     append_event(folder, "driver_start", pid=os.getpid())
-    run_id = start_mlflow_run(cfg, folder)
-    loss_csv = folder / "loss.csv"
-    if not loss_csv.exists() or latest_checkpoint(folder) is None:
-        loss_csv.write_text(LOSS_HEADER)
-    log.info("run folder %s; MLflow run %s at %s (browse: mlflow ui --backend-store-uri %s)", folder, run_id,
-             cfg.mlflow.resolved_uri(), cfg.mlflow.resolved_uri())
+    uri = cfg.mlflow.resolved_uri()
+    run_id, owned = start_mlflow_run(cfg, folder)
+    with tracking.run_status(uri, run_id, finish=end_run, enabled=owned):
+        loss_csv = folder / "loss.csv"
+        if not loss_csv.exists() or latest_checkpoint(folder) is None:
+            loss_csv.write_text(LOSS_HEADER)
+        log.info("run folder %s; MLflow run %s at %s (browse: mlflow ui --backend-store-uri %s)", folder, run_id,
+                 uri, uri)
+        started_here = _start_ray(cfg, ray_init_kwargs)
+        t0 = time.time()
+        try:
+            result = _trainer(cfg, folder, run_id, loss_csv).fit()
+        except TrainingFailedError as err:  # the worker's own error (file, step, key), not Ray's wrapper
+            raise (unwrap_worker_error(err, folder) or err) from None
+        finally:
+            if started_here:
+                ray.shutdown()
+        final = _final_checkpoint(cfg, folder, result)
+        seconds = time.time() - t0
+    return {"final": final, "run_id": run_id, "seconds": seconds, "folder": folder, "loss_csv": loss_csv}
 
+
+def _start_ray(cfg: PipelineConfig, ray_init_kwargs: dict | None) -> bool:
+    """Start a local Ray, or join `ray.address` / RAY_ADDRESS, unless Ray is running in this process already;
+    returns whether it was started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(ray_init_kwargs or {})
     address = cfg.ray.resolved_address()
-    started_here = not ray.is_initialized()
-    if started_here:
-        kwargs = dict(ray_init_kwargs or {})
-        if address:
-            kwargs["address"] = address
-        else:
-            # one logical CPU more than the workers take, for Ray Train's controller actors
-            kwargs.setdefault("num_cpus", cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1)
-        kwargs.setdefault("include_dashboard", False)
-        kwargs.setdefault("log_to_driver", True)
-        ray.init(**kwargs)
-    t0 = time.time()
-    try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "run_dir": str(folder), "mlflow_run_id": run_id,
-                               "loss_csv": str(loss_csv), "mlflow_uri": cfg.mlflow.resolved_uri()},
-            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-            run_config=RunConfig(name=f"bifit-train-{cfg.training_hash()}",
-                                 storage_path=str(REPO / cfg.ray.storage_path),
-                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
-        )
-        result = trainer.fit()
-    except TrainingFailedError as err:  # the worker's own error (file, step, key), not Ray's wrapper
-        raise (unwrap_worker_error(err, folder) or err) from None
-    finally:
-        if started_here:
-            ray.shutdown()
+    if address:
+        kwargs["address"] = address
+    else:
+        # one logical CPU more than the workers take, for Ray Train's controller actors
+        kwargs.setdefault("num_cpus", cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1)
+    kwargs.setdefault("include_dashboard", False)
+    kwargs.setdefault("log_to_driver", True)
+    ray.init(**kwargs)
+    return True
+
+
+def _trainer(cfg: PipelineConfig, folder: Path, run_id: str, loss_csv: Path):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "run_dir": str(folder), "mlflow_run_id": run_id,
+                           "loss_csv": str(loss_csv), "mlflow_uri": cfg.mlflow.resolved_uri()},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"bifit-train-{cfg.training_hash()}",
+                             storage_path=str(resolve(cfg.ray.storage_path)),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+    )
+
+
+def _final_checkpoint(cfg: PipelineConfig, folder: Path, result) -> dict:
+    """The last epoch's checkpoint; raises the workers' fatal record (a restarted worker group found it and stopped
+    without training), or a RuntimeError when training stopped early."""
     fatal = read_fatal(folder)
-    if fatal is not None:  # a restarted worker group found the marker and stopped without training
+    if fatal is not None:
         raise fatal_error(fatal, folder)
     final = latest_checkpoint(folder)
     if final is None or final["epoch"] != cfg.train.epochs - 1:
         raise RuntimeError(f"training did not finish: newest checkpoint in {folder} is "
                            f"{final and final['path']}; Ray result error: {getattr(result, 'error', None)}")
-    return {"final": final, "run_id": run_id, "seconds": time.time() - t0, "folder": folder, "loss_csv": loss_csv}
+    return final
 
 
 def export(cfg: PipelineConfig, out: dict) -> None:
-    """Write the DVC outputs: the final model, train metrics and the loss curve; log them to MLflow."""
-    import mlflow
-
+    """Write the DVC outputs (the final model, train metrics, the loss curve) and log to the MLflow run the
+    checkpoint (`model/bifit.pth`), the loss curve (`plots/`) and the pyfunc model `bifit` (pipeline/tracking.py).
+    The run ends here: FINISHED, or FAILED when any of this raises."""
     final = out["final"]
-    model_path = cfg.path("model")
-    atomic_save({"format": final["format"], "model": final["model"], "config": final["config"],
-                 "epoch": final["epoch"], "mlflow_run_id": out["run_id"], "metrics": final["metrics"]}, model_path)
-    metrics_dir, plots_dir = cfg.path("metrics"), cfg.path("plots")
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in final["metrics"].items()}
-    metrics["wall_seconds_this_run"] = out["seconds"]
-    (metrics_dir / "train.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    shutil.copy(out["loss_csv"], plots_dir / "train_loss.csv")
-    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
-    with mlflow.start_run(run_id=out["run_id"]):
-        mlflow.log_artifact(str(model_path), artifact_path="model")
-        mlflow.log_artifact(str(plots_dir / "train_loss.csv"), artifact_path="plots")
-    log.info("final model %s (epoch %d); MLflow run %s", model_path, final["epoch"] + 1, out["run_id"])
+    with tracking.active_run(cfg.mlflow.resolved_uri(), out["run_id"]):
+        model_path = resolve(cfg.paths.model)
+        atomic_save({"format": final["format"], "model": final["model"], "config": final["config"],
+                     "epoch": final["epoch"], "mlflow_run_id": out["run_id"], "metrics": final["metrics"]}, model_path)
+        metrics_dir, plots_dir = resolve(cfg.paths.metrics), resolve(cfg.paths.plots)
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {k: v for k, v in final["metrics"].items()}
+        metrics["wall_seconds_this_run"] = out["seconds"]
+        (metrics_dir / "train.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        shutil.copy(out["loss_csv"], plots_dir / "train_loss.csv")
+        tracking.log_artifact(model_path, "model")
+        tracking.log_artifact(plots_dir / "train_loss.csv", "plots")
+        model = tracking.log_bifit_model(model_path, cfg.model.text_encoder)
+    log.info("final model %s (epoch %d); MLflow run %s, MLflow model %s", model_path, final["epoch"] + 1,
+             out["run_id"], model.model_uri)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--params", default=str(resolve("params.yaml")))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_pipeline_config(args.params)  # every bad value is reported before Ray starts
-    out = run_training(cfg)
+    out = run_training(cfg, end_run=False)  # the MLflow run stays RUNNING until export has logged the model
     export(cfg, out)
 
 

@@ -6,7 +6,7 @@ Every combination of `tune.grid` (default: model.inter_frame_layers {0, 1, 2} x 
 {false, true}) is a variant; every variant is trained once per `tune.seeds` entry. A trial is a Ray Tune
 function trainable that launches the train stage's Ray Train `TorchTrainer` (pipeline.train.run_training,
 `tune.num_workers` x `tune.cpus_per_worker`, `tune.trial_overrides` as the training budget), then evaluates
-the final checkpoint on the Ref-YouTube-VOS valid split (pipeline.evaluate.evaluate) and reports J&F, J, F,
+the final checkpoint on the Ref-YouTube-VOS valid split (bifit.eval.ytvos.evaluate_valid) and reports J&F, J, F,
 the shuffled-expression control, wall time and parameter count. `tune.max_concurrent_trials` run at once;
 Ray starts locally unless RAY_ADDRESS (or ray.address) names a cluster.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bifit.config import ConfigError, flatten, from_dict, to_dict
 from bifit.report import format_mean_std, group_rows, markdown_table, write_csv
-from pipeline.config import REPO, PipelineConfig, load_pipeline_config
+from pipeline.config import PipelineConfig, load_pipeline_config, resolve
 
 log = logging.getLogger("pipeline.tune")
 YTVOS_METRICS = ("jf", "j", "f", "jf_shuffled", "jf_gain_over_shuffled")
@@ -86,7 +86,7 @@ def trial_config(cfg: PipelineConfig, variant: dict, seed: int) -> PipelineConfi
     for key, value in {**cfg.tune.trial_overrides, **variant, "train.seed": seed}.items():
         section, _, name = key.partition(".")
         d[section][name] = value
-    storage = _absolute(cfg.tune.storage_path)
+    storage = resolve(cfg.tune.storage_path)
     d["ray"].update(num_workers=cfg.tune.num_workers, cpus_per_worker=cfg.tune.cpus_per_worker,
                     use_gpu=cfg.tune.use_gpu, storage_path=str(storage / "ray-train"))
     d["paths"]["runs"] = str(storage)  # the run folders: <storage>/train/<training hash>
@@ -143,16 +143,12 @@ def sweep_hash(cfg: PipelineConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _absolute(p: str) -> Path:
-    return Path(p) if Path(p).is_absolute() else REPO / p
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the results store (finished trials)
 
 
 def result_path(cfg: PipelineConfig, key: str) -> Path:
-    return _absolute(cfg.tune.storage_path) / "results" / f"{key}.json"
+    return resolve(cfg.tune.storage_path) / "results" / f"{key}.json"
 
 
 def read_result(path: Path) -> dict | None:
@@ -185,7 +181,7 @@ def _experiment_id(client, cfg: PipelineConfig) -> str:
     exp = client.get_experiment_by_name(cfg.tune.experiment)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(cfg.tune.experiment, artifact_location=_absolute(cfg.mlflow.artifact_location)
+    return client.create_experiment(cfg.tune.experiment, artifact_location=resolve(cfg.mlflow.artifact_location)
                                     .as_uri())
 
 
@@ -243,7 +239,7 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from bifit.inference import inference_settings, resolve_device
-    from pipeline.evaluate import build_from_checkpoint, log_eval_settings
+    from pipeline.evaluate_dataset import load_eval_model, log_eval_settings
     from pipeline.train import run_dir, run_training
 
     cfg = spec.cfg
@@ -257,8 +253,9 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     try:
         out = run_training(cfg)
         torch.set_num_threads(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
-        model, tokenizer, _ = build_from_checkpoint(cfg, Path(out["final"]["path"]), device)
-        metrics, per_video = evaluate_trial(cfg, model, tokenizer, folder)
+        loaded = load_eval_model(cfg, Path(out["final"]["path"]), device)
+        model = loaded.model
+        metrics, per_video = evaluate_trial(cfg, model, loaded.tokenizer, folder)
         log_eval_settings(client, run_id, cfg.tune.benchmark, inference_settings(model, cfg.eval.amp))
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
@@ -283,12 +280,14 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
 def evaluate_trial(cfg: PipelineConfig, model, tokenizer, folder: Path) -> tuple[dict, dict | None]:
     """(metrics, J&F per video or None) on `tune.benchmark`; ytvos: the first `tune.eval_max_expressions`. Runs
     where the model is, with `eval.amp`; the metrics record both (`device`, `amp`)."""
+    from bifit.eval.ytvos import evaluate_valid, inference_options
     from bifit.inference import inference_settings
-    from pipeline.evaluate import evaluate
 
     name = cfg.tune.benchmark
     if name == "ytvos":
-        metrics, _, per_video = evaluate(cfg, model, tokenizer, None, cfg.tune.eval_max_expressions)
+        metrics, result = evaluate_valid(model, tokenizer, Path(cfg.data.root), seed=cfg.train.seed,
+                                         max_expressions=cfg.tune.eval_max_expressions, **inference_options(cfg))
+        per_video = result.per_video()
     else:
         from pipeline.evaluate_dataset import EVALUATORS
 
@@ -387,7 +386,7 @@ def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: 
     trials = plan_trials(cfg, source)  # every bad value is reported before Ray starts
     check_eval_device(cfg, source)
     sweep = sweep_hash(cfg)
-    storage = _absolute(cfg.tune.storage_path)
+    storage = resolve(cfg.tune.storage_path)
     sweep_dir = storage / "sweeps" / sweep
     parent_run_id = start_parent_run(cfg, sweep, sweep_dir)
     (sweep_dir / "plan.json").write_text(json.dumps(
@@ -414,7 +413,7 @@ def run_sweep(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, source: 
     rows = [trial_row(r, cfg.tune.grid, names) for r in results]
     variants = group_rows(rows, "variant", [*names, "train_loss", "wall_seconds", "num_parameters"],
                           keep=list(cfg.tune.grid))
-    out_dir = _absolute(cfg.tune.results_dir)
+    out_dir = resolve(cfg.tune.results_dir)
     write_tables(cfg, sweep, rows, variants, failed, out_dir, names)
     _finish_parent_run(cfg, parent_run_id, out_dir, variants, failed, names)
     log.info("sweep %s: %d trials in the table, %d failed, %.0f s; tables in %s", sweep, len(rows), len(failed),
@@ -548,7 +547,7 @@ def _finish_parent_run(cfg, run_id: str, out_dir: Path, variants: list[dict], fa
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--params", default=str(resolve("params.yaml")))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_pipeline_config(args.params)

@@ -43,7 +43,7 @@ def tiny_model_config(**overrides):
     from bifit.config import ModelConfig
 
     base = dict(backbone="resnet18", text_encoder="<tiny>", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
-                dim_feedforward=64, num_queries=3, mask_dim=64, msda_backend="pytorch")
+                dim_feedforward=64, num_queries=3, msda_backend="pytorch")
     base.update(overrides)
     return ModelConfig(**base)
 

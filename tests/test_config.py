@@ -56,3 +56,111 @@ def test_ints_accepted_for_floats_and_flatten(tmp_path):
 def test_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation: one way (`validate(where)` with `check`) for every configuration dataclass
+
+
+def test_frozen_settings_are_validated_when_built_and_named_by_their_params_key(tmp_path):
+    from bifit.data.synthetic import SyntheticConfig
+    from pipeline.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"^SyntheticConfig\.height: expected a multiple of 32 in \[96, 2048\], "
+                                          r"got 100$"):
+        SyntheticConfig(height=100)
+    path = _write(tmp_path, "synthetic:\n  height: 100\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, cls=PipelineConfig)
+    assert str(err.value) == (f"{path}: synthetic: SyntheticConfig.height: expected a multiple of 32 in [96, 2048], "
+                              "got 100")
+    path = _write(tmp_path, "datasets:\n  davis:\n    synthetic:\n      width: 100\n")
+    with pytest.raises(ConfigError, match=r"datasets\.davis\.synthetic: SyntheticDavisConfig\.width: expected a "
+                                          r"multiple of 32, got 100"):
+        load_config(path, cls=PipelineConfig)
+
+
+def test_every_configuration_dataclass_has_a_validate_method():
+    import dataclasses
+    import typing
+
+    from bifit.data.text_pretraining import TextPretrainingConfig
+    from bifit.data.transforms import ResizeConfig
+    from pipeline.config import PathsConfig, PipelineConfig
+
+    def walk(cls):
+        yield cls
+        for tp in typing.get_type_hints(cls).values():
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp)
+
+    classes = set(walk(PipelineConfig)) | {TextPretrainingConfig, ResizeConfig}
+    assert len(classes) > 15
+    # PathsConfig: free-form paths, nothing to check
+    assert not [c.__name__ for c in classes if not hasattr(c, "validate") and c is not PathsConfig]
+
+
+@pytest.mark.parametrize("section,key,good,bad,message", [
+    ("model", "mask_dim", 256, 128, r"model\.mask_dim: expected equal to model\.hidden_dim \(256\), got 128"),
+    ("loss", "mask_out_stride", 4, 8, r"loss\.mask_out_stride: expected 4 \(masks are predicted at 1/4\), got 8"),
+    ("data", "dataset", "ytvos", "a2d", r"data\.dataset: expected 'ytvos' \(the train stage trains on "
+                                        r"Ref-YouTube-VOS-format data\), got 'a2d'"),
+])
+def test_keys_of_earlier_versions_load_only_with_their_one_value(section, key, good, bad, message):
+    """Configs saved in earlier checkpoints still carry model.mask_dim, loss.mask_out_stride and data.dataset."""
+    from bifit.config import Config, from_dict
+
+    saved = to_dict(Config())
+    saved[section][key] = good
+    assert to_dict(from_dict(Config, saved).validate()) == to_dict(Config())
+    saved[section][key] = bad
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Config, saved)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# paths and the training hash
+
+
+def test_resolve_is_relative_to_the_repository_unless_absolute(tmp_path):
+    from pipeline.config import resolve
+
+    assert resolve("runs/x") == REPO / "runs" / "x"
+    assert resolve(tmp_path / "y") == tmp_path / "y"
+
+
+def test_training_hash_ignores_the_deformable_attention_kernel():
+    from pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(REPO / "params.yaml")
+    before = cfg.training_hash()
+    for backend in ("cpu", "pytorch", "auto"):
+        cfg.model.msda_backend = backend
+        assert cfg.training_hash() == before
+    assert "msda_backend" not in cfg.training_dict()["model"]
+    cfg.model.inter_frame_layers += 1  # a setting that changes the model does change it
+    assert cfg.training_hash() != before
+
+
+def test_training_hash_is_the_same_in_two_checkouts(tmp_path, monkeypatch):
+    """Moving the checkout resumes the same run folder: paths inside the repository are hashed relative to it."""
+    import pipeline.config as pc
+    from pipeline.config import PipelineConfig
+
+    hashes = []
+    for checkout in (tmp_path / "one", tmp_path / "elsewhere" / "two"):
+        (checkout / "data" / "synthetic" / "text-encoder").mkdir(parents=True)
+        monkeypatch.setattr(pc, "REPO", checkout)
+        cfg = load_config(REPO / "params.yaml", cls=PipelineConfig).resolve_paths()
+        cfg.model.backbone_weights = "models/resnet18.pth"
+        cfg.resolve_paths()
+        assert cfg.data.root == str(checkout / "data/synthetic/ref-youtube-vos")
+        assert cfg.model.text_encoder == str(checkout / "data/synthetic/text-encoder")
+        assert cfg.model.backbone_weights == str(checkout / "models/resnet18.pth")
+        training = cfg.training_dict()
+        assert (training["data"]["root"], training["model"]["text_encoder"]) == (
+            "data/synthetic/ref-youtube-vos", "data/synthetic/text-encoder")
+        hashes.append(cfg.training_hash())
+    assert hashes[0] == hashes[1]
+    cfg.data.root = str(tmp_path / "other-data")  # data outside the checkout: its absolute path counts
+    assert cfg.training_hash() != hashes[1]

@@ -23,15 +23,15 @@ OFFICIAL = {
     "model.freeze_text_encoder": True, "model.hidden_dim": 256, "model.nheads": 8, "model.enc_layers": 4,
     "model.dec_layers": 4, "model.dim_feedforward": 2048, "model.dropout": 0.1, "model.num_feature_levels": 4,
     "model.enc_n_points": 4, "model.dec_n_points": 4, "model.num_queries": 5, "model.num_classes": 1,
-    "model.mask_dim": 256, "model.controller_layers": 3, "model.dynamic_mask_channels": 8, "model.rel_coord": True,
+    "model.controller_layers": 3, "model.dynamic_mask_channels": 8, "model.rel_coord": True,
     "model.aux_loss": True, "model.inter_frame_layers": 1, "model.bidirectional_vl": True,
     "model.sentence_source": "fused_text",
     # matcher and loss
     "matcher.cost_class": 2.0, "matcher.cost_bbox": 5.0, "matcher.cost_giou": 2.0, "matcher.cost_mask": 2.0,
     "matcher.cost_dice": 5.0, "loss.cls_loss_coef": 2.0, "loss.bbox_loss_coef": 5.0, "loss.giou_loss_coef": 2.0,
-    "loss.mask_loss_coef": 2.0, "loss.dice_loss_coef": 5.0, "loss.focal_alpha": 0.25, "loss.mask_out_stride": 4,
+    "loss.mask_loss_coef": 2.0, "loss.dice_loss_coef": 5.0, "loss.focal_alpha": 0.25,
     # data: Ref-YouTube-VOS, 6-frame clips, the official augmentation and inference size
-    "data.dataset": "ytvos", "data.root": "data/ref-youtube-vos", "data.categories": "ytvos",
+    "data.root": "data/ref-youtube-vos", "data.categories": "ytvos",
     "data.photometric": "official", "data.num_frames": 6,
     "data.train_scales": [288, 320, 352, 392, 416, 448, 480, 512], "data.max_size": 640,
     "data.crop_resize_scales": [400, 500, 600], "data.crop_min": 384, "data.crop_max": 600,
@@ -69,12 +69,11 @@ IMPLEMENTATION_ONLY = {
 # The official recipes' schedules: overlay files (applied after params.yaml, in order) -> values.
 RECIPES = {
     ("params_paper.yaml",): {  # from scratch: the opts defaults
-        "train.epochs": 10, "train.lr_drop": [6, 8], "train.batch_size": 1, "data.dataset": "ytvos"},
+        "train.epochs": 10, "train.lr_drop": [6, 8], "train.batch_size": 1},
     ("params_paper.yaml", "params_paper_finetune_ytvos.yaml"): {  # fine-tuning a pretrained model
-        "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 1, "data.dataset": "ytvos"},
-    ("params_paper.yaml", "params_paper_finetune_a2d.yaml"): {  # A2D-Sentences
-        "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 2, "data.dataset": "a2d",
-        "data.root": "data/a2d_sentences"},
+        "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 1},
+    ("params_paper.yaml", "params_paper_finetune_a2d.yaml"): {  # A2D-Sentences (its schedule; not wired yet)
+        "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 2},
 }
 LIBRARY_SECTIONS = ("model", "matcher", "loss", "data", "train", "eval")
 

@@ -157,10 +157,6 @@ def _tar_members(archive: Path, tf: tarfile.TarFile) -> Iterator[Member]:
             raise ArchiveError(archive, info.name, "device, FIFO or other special member refused")
 
 
-def _inside(parent: str, name: str) -> bool:
-    return name == parent or name.startswith(parent + "/") if parent else True
-
-
 def _resolve_link(name: str, target: str) -> str | None:
     """The archive-relative path a symlink at ``name`` points to, or None if it leaves the archive root."""
     if target.startswith("/") or (len(target) > 1 and target[1] == ":"):

@@ -33,8 +33,6 @@ import numpy as np
 from bifit.data.davis_convert import INDEX_NAME, NUM_ANNOTATORS
 from bifit.data.ytvos import YTVOSDataset, load_id_map, load_video, read_videos
 
-VOID_LABEL = 255
-
 
 @dataclass(frozen=True)
 class RefDavisVideo:

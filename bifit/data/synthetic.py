@@ -35,13 +35,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from bifit.config import check, int_in
 from bifit.data.fsutil import replace_dir
 
 GENERATOR_VERSION = 1
@@ -90,38 +91,29 @@ class SyntheticConfig:
     def __post_init__(self):
         object.__setattr__(self, "small_radius", tuple(self.small_radius))
         object.__setattr__(self, "large_radius", tuple(self.large_radius))
-        _check_range("seed", self.seed, 0, 2**32 - 1)
-        _check_range("num_train_videos", self.num_train_videos, 1, 100_000)
-        _check_range("num_valid_videos", self.num_valid_videos, 1, 100_000)
-        _check_range("num_test_videos", self.num_test_videos, 0, 100_000)
-        _check_range("frames_per_video", self.frames_per_video, 4, 1000)
-        _check_range("frame_stride", self.frame_stride, 1, 100)
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            _check_range(name, value, 96, 2048)
-            if value % 32:
-                raise ValueError(f"SyntheticConfig.{name}: expected a multiple of 32 in [96, 2048], got {value}")
-        _check_range("min_objects", self.min_objects, 3, 8)
-        _check_range("max_objects", self.max_objects, self.min_objects, 8)
-        _check_range("expressions_per_object", self.expressions_per_object, 1, 6)
+        self.validate()
+
+    def validate(self, where: str = "SyntheticConfig"):
+        for name, lo, hi in (("seed", 0, 2**32 - 1), ("num_train_videos", 1, 100_000),
+                             ("num_valid_videos", 1, 100_000), ("num_test_videos", 0, 100_000),
+                             ("frames_per_video", 4, 1000), ("frame_stride", 1, 100), ("height", 96, 2048),
+                             ("width", 96, 2048), ("min_objects", 3, 8), ("max_objects", self.min_objects, 8),
+                             ("expressions_per_object", 1, 6)):
+            check(int_in(getattr(self, name), lo, hi), f"{where}.{name}", f"an int in [{lo}, {hi}]",
+                  getattr(self, name))
+            if name in ("height", "width"):
+                check(getattr(self, name) % 32 == 0, f"{where}.{name}", "a multiple of 32 in [96, 2048]",
+                      getattr(self, name))
         limit = min(self.height, self.width) // 4
-        _check_pair("small_radius", self.small_radius, 3, limit)
-        _check_pair("large_radius", self.large_radius, int(np.ceil(1.4 * self.small_radius[1])), limit)
-        _check_range("min_visible_pixels", self.min_visible_pixels, 1, int(np.pi * self.small_radius[0] ** 2 / 2))
-        _check_range("jpeg_quality", self.jpeg_quality, 50, 100)
-        _check_range("max_attempts", self.max_attempts, 1, 100_000)
-
-
-def _check_range(name: str, value, lo: int, hi: int) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"SyntheticConfig.{name}: expected an int in [{lo}, {hi}], got {value!r}")
-
-
-def _check_pair(name: str, value, lo: int, hi: int) -> None:
-    ok = len(value) == 2 and all(isinstance(v, int | np.integer) for v in value)
-    if not ok or not lo <= value[0] <= value[1] <= hi:
-        raise ValueError(f"SyntheticConfig.{name}: expected (min, max) ints with {lo} <= min <= max <= {hi}, "
-                         f"got {value!r}")
+        for name in ("small_radius", "large_radius"):  # large: at least 1.4x the largest small radius
+            pair = getattr(self, name)
+            lo = 3 if name == "small_radius" else int(np.ceil(1.4 * self.small_radius[1]))
+            check(len(pair) == 2 and all(int_in(v, lo, limit) for v in pair) and pair[0] <= pair[1],
+                  f"{where}.{name}", f"(min, max) ints with {lo} <= min <= max <= {limit}", pair)
+        for name, lo, hi in (("min_visible_pixels", 1, int(np.pi * self.small_radius[0] ** 2 / 2)),
+                             ("jpeg_quality", 50, 100), ("max_attempts", 1, 100_000)):
+            check(int_in(getattr(self, name), lo, hi), f"{where}.{name}", f"an int in [{lo}, {hi}]",
+                  getattr(self, name))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -769,15 +761,6 @@ def generate_benchmark(cfg: SyntheticConfig, root: Path, progress: bool = True, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "root": str(root), "generated": True, "seconds": round(time.perf_counter() - start, 3)}
-
-
-def config_from_dict(d: dict) -> SyntheticConfig:
-    """Build a config from a plain dict (e.g. params.yaml); unknown keys raise ValueError naming them."""
-    known = {f.name for f in fields(SyntheticConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"SyntheticConfig: unknown field(s) {unknown}; expected some of {sorted(known)}")
-    return SyntheticConfig(**d)
 
 
 def load_scenes(root: Path) -> dict:

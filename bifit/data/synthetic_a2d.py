@@ -40,6 +40,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from bifit.config import check, int_in
 from bifit.data.a2d_preprocess import (
     ANNOTATION_TXT,
     COCO_GT_JSON,
@@ -72,25 +73,24 @@ class SyntheticA2DConfig:
     fps: int = 24
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "SyntheticA2DConfig"):
         for name, lo, hi in (("seed", 0, 2**32 - 1), ("num_train_videos", 1, 10_000), ("num_test_videos", 1, 10_000),
                              ("frames_per_video", 6, 1000), ("fps", 1, 120), ("height", 96, 2048),
                              ("width", 96, 2048)):
-            check_int(type(self).__name__, name, getattr(self, name), lo, hi)
-        check_int(type(self).__name__, "annotated_frames", self.annotated_frames, 1, self.frames_per_video - 2)
+            check(int_in(getattr(self, name), lo, hi), f"{where}.{name}", f"an int in [{lo}, {hi}]", getattr(self, name))
+        hi = self.frames_per_video - 2  # the first and last frames are never annotated
+        check(int_in(self.annotated_frames, 1, hi), f"{where}.annotated_frames", f"an int in [1, {hi}]",
+              self.annotated_frames)
         for name in ("height", "width"):
-            if getattr(self, name) % 32:
-                raise ValueError(f"{type(self).__name__}.{name}: expected a multiple of 32, got {getattr(self, name)}")
+            check(getattr(self, name) % 32 == 0, f"{where}.{name}", "a multiple of 32", getattr(self, name))
 
     def scene_config(self) -> SyntheticConfig:
         return SyntheticConfig(seed=self.seed, num_train_videos=self.num_train_videos,
                                num_valid_videos=self.num_test_videos, num_test_videos=0,
                                frames_per_video=self.frames_per_video, height=self.height, width=self.width,
                                max_objects=4)
-
-
-def check_int(owner: str, name: str, value, lo: int, hi: int) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{owner}.{name}: expected an int in [{lo}, {hi}], got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

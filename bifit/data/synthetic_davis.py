@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from bifit.config import check, int_in
 from bifit.data.archive import sha256_file
 from bifit.data.synthetic import PALETTE, SyntheticConfig, Video, make_video
 
@@ -80,15 +81,15 @@ class SyntheticDavisConfig:
     jpeg_quality: int = 90
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "SyntheticDavisConfig"):
         for name, lo, hi in (("seed", 0, 2**32 - 1), ("num_train_videos", 1, 1000), ("num_val_videos", 1, 1000),
                              ("frames_per_video", 4, 1000), ("height", 96, 2048), ("width", 96, 2048),
                              ("jpeg_quality", 50, 100)):
-            value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"SyntheticDavisConfig.{name}: expected an int in [{lo}, {hi}], got {value!r}")
+            check(int_in(getattr(self, name), lo, hi), f"{where}.{name}", f"an int in [{lo}, {hi}]", getattr(self, name))
         for name in ("height", "width"):
-            if getattr(self, name) % 32:
-                raise ValueError(f"SyntheticDavisConfig.{name}: expected a multiple of 32, got {getattr(self, name)}")
+            check(getattr(self, name) % 32 == 0, f"{where}.{name}", "a multiple of 32", getattr(self, name))
 
     def scene_config(self) -> SyntheticConfig:
         return SyntheticConfig(seed=self.seed, num_train_videos=self.num_train_videos,

@@ -28,6 +28,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+from bifit.config import check, int_in
 from bifit.data.a2d_preprocess import coco_gt_dataset
 from bifit.data.jhmdb_preprocess import (
     ANNOTATION_TXT,
@@ -38,7 +39,7 @@ from bifit.data.jhmdb_preprocess import (
     PATH_PREFIX,
 )
 from bifit.data.synthetic import SyntheticConfig, make_video
-from bifit.data.synthetic_a2d import check_int, dump_json, instance_masks, write_dataset, youtube_like_id
+from bifit.data.synthetic_a2d import dump_json, instance_masks, write_dataset, youtube_like_id
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "SYNTHETIC_JHMDB.json"
@@ -55,12 +56,14 @@ class SyntheticJHMDBConfig:
     width: int = 128
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "SyntheticJHMDBConfig"):
         for name, lo, hi in (("seed", 0, 2**32 - 1), ("num_videos", 1, 10_000), ("frames_per_video", 6, 1000),
                              ("height", 96, 2048), ("width", 96, 2048)):
-            check_int(type(self).__name__, name, getattr(self, name), lo, hi)
+            check(int_in(getattr(self, name), lo, hi), f"{where}.{name}", f"an int in [{lo}, {hi}]", getattr(self, name))
         for name in ("height", "width"):
-            if getattr(self, name) % 32:
-                raise ValueError(f"{type(self).__name__}.{name}: expected a multiple of 32, got {getattr(self, name)}")
+            check(getattr(self, name) % 32 == 0, f"{where}.{name}", "a multiple of 32", getattr(self, name))
 
     def scene_config(self) -> SyntheticConfig:
         return SyntheticConfig(seed=self.seed, num_train_videos=1, num_valid_videos=self.num_videos,

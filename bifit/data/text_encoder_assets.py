@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from bifit.config import check, int_in
 from bifit.data.collate import normalize_text
 from bifit.data.fsutil import replace_dir
 from bifit.data.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
@@ -66,7 +67,10 @@ class TinyTextEncoderConfig:
     pretrain_lr: float = 1e-3
 
     def __post_init__(self):
-        checks = {
+        self.validate()
+
+    def validate(self, where: str = "TinyTextEncoderConfig"):
+        ranges = {
             "vocab_size": (len(SPECIAL_TOKENS) + 256, 1_000_000),
             "min_frequency": (1, 1_000_000),
             "hidden_size": (8, 8192),
@@ -78,18 +82,14 @@ class TinyTextEncoderConfig:
             "pretrain_steps": (0, 1_000_000),
             "pretrain_batch_size": (1, 1_000_000),
         }
-        for name, (lo, hi) in checks.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"TinyTextEncoderConfig.{name}: expected an int in [{lo}, {hi}], got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"TinyTextEncoderConfig.hidden_size: expected a multiple of num_attention_heads="
-                             f"{self.num_attention_heads}, got {self.hidden_size}")
-        if not isinstance(self.pretrain_lr, int | float) or not 0 < self.pretrain_lr < 1:
-            raise ValueError(f"TinyTextEncoderConfig.pretrain_lr: expected a float in (0, 1), got {self.pretrain_lr!r}")
+        for name, (lo, hi) in ranges.items():
+            check(int_in(getattr(self, name), lo, hi), f"{where}.{name}", f"an int in [{lo}, {hi}]", getattr(self, name))
+        check(self.hidden_size % self.num_attention_heads == 0, f"{where}.hidden_size",
+              f"a multiple of num_attention_heads={self.num_attention_heads}", self.hidden_size)
+        check(isinstance(self.pretrain_lr, int | float) and 0 < self.pretrain_lr < 1, f"{where}.pretrain_lr",
+              "a float in (0, 1)", self.pretrain_lr)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"TinyTextEncoderConfig.{name}: expected a float in [0, 1), got {getattr(self, name)}")
+            check(0.0 <= getattr(self, name) < 1.0, f"{where}.{name}", "a float in [0, 1)", getattr(self, name))
 
     @property
     def model_max_length(self) -> int:

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bifit.config import check
+
 NUM_SPECIAL = 5  # <s>, <pad>, </s>, <unk>, <mask>: ids 0..4 (bifit.data.text_encoder_assets.SPECIAL_TOKENS)
-MASK_ID, PAD_ID = 4, 1
+MASK_ID = 4
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,14 @@ class TextPretrainingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"TextPretrainingConfig.steps: expected an int >= 0, got {self.steps!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"TextPretrainingConfig.batch_size: expected an int >= 1, got {self.batch_size!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TextPretrainingConfig.lr: expected a float > 0, got {self.lr!r}")
-        if not 0 < self.mask_prob < 1:
-            raise ValueError(f"TextPretrainingConfig.mask_prob: expected a float in (0, 1), got {self.mask_prob!r}")
+        self.validate()
+
+    def validate(self, where: str = "TextPretrainingConfig"):
+        check(isinstance(self.steps, int) and self.steps >= 0, f"{where}.steps", "an int >= 0", self.steps)
+        check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"{where}.batch_size", "an int >= 1",
+              self.batch_size)
+        check(self.lr > 0, f"{where}.lr", "a float > 0", self.lr)
+        check(0 < self.mask_prob < 1, f"{where}.mask_prob", "a float in (0, 1)", self.mask_prob)
 
 
 class PretrainingHeads(nn.Module):

@@ -28,6 +28,8 @@ import torch.nn.functional as nnf
 import torchvision.transforms.functional as F
 from PIL import Image
 
+from bifit.config import check
+
 Clip = list[Image.Image]
 Target = dict
 ClipTransform = Callable[[Clip, Target], tuple]
@@ -52,16 +54,17 @@ class ResizeConfig:
     crop_max: int = 600
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "ResizeConfig"):
         for name in ("scales", "crop_resize_scales"):
             values = getattr(self, name)
-            if not values or any(int(v) < 1 for v in values):
-                raise ValueError(f"ResizeConfig.{name}: expected a non-empty sequence of positive ints, got {values!r}")
-        if self.max_size is not None and self.max_size < max(self.scales):
-            raise ValueError(f"ResizeConfig.max_size: expected None or >= max(scales)={max(self.scales)}, "
-                             f"got {self.max_size}")
-        if not 1 <= self.crop_min <= self.crop_max:
-            raise ValueError(f"ResizeConfig.crop_min/crop_max: expected 1 <= crop_min <= crop_max, "
-                             f"got {self.crop_min}, {self.crop_max}")
+            check(bool(values) and all(int(v) >= 1 for v in values), f"{where}.{name}",
+                  "a non-empty sequence of positive ints", values)
+        check(self.max_size is None or self.max_size >= max(self.scales), f"{where}.max_size",
+              f"None or >= max(scales)={max(self.scales)}", self.max_size)
+        check(1 <= self.crop_min <= self.crop_max, f"{where}.crop_min/crop_max", "1 <= crop_min <= crop_max",
+              (self.crop_min, self.crop_max))
 
 
 PAPER_RESIZE = ResizeConfig()

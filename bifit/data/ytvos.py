@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import random as _random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -307,17 +307,19 @@ class YTVOSDataset(Dataset):
     same clip, frames and augmentation; ``collate_fn`` batches them expression-major.
     ``rng`` (clip sampling and redraws) defaults to the ``random`` module, which PyTorch reseeds in every DataLoader
     worker; a ``random.Random`` passed here is copied into each worker with the same state.
+    ``exclude_videos``: videos whose samples are not listed (e.g. the held-out videos of
+    :mod:`bifit.eval.ytvos_proxy`); their metadata is still checked with the rest of the split.
     """
 
     def __init__(self, root, split: str = "train", num_frames: int = 6, transforms=None,
                  categories: Sequence[str] | None = None, skip_bad_samples: bool = False, rng=None,
-                 max_retries: int = 100, skip_log: str | Path | None = None, expressions_per_clip: int = 1):
+                 max_retries: int = 100, skip_log: str | Path | None = None, expressions_per_clip: int = 1,
+                 exclude_videos: Iterable[str] = ()):
         if num_frames < 1:
             raise ValueError(f"YTVOSDataset.num_frames: expected >= 1, got {num_frames}")
         if expressions_per_clip < 1:
             raise ValueError(f"YTVOSDataset.expressions_per_clip: expected >= 1, got {expressions_per_clip}")
         self.expressions_per_clip = expressions_per_clip
-        self._by_video, self._by_video_of = {}, None  # video -> exp_id -> sample, and the list it indexes
         self.root, self.split, self.num_frames = Path(root), split, num_frames
         self.transforms = transforms if transforms is not None else Compose([Normalize()])
         self.categories = tuple(categories if categories is not None else YTVOS_CATEGORIES)
@@ -327,7 +329,9 @@ class YTVOSDataset(Dataset):
         self.skip_log = None if skip_log is None else Path(skip_log)  # every skip is also appended here (JSONL)
         self._skipped_keys: set[tuple] = set()
         self._has_mask: dict[tuple[str, str], bool] = {}
-        self.samples, problems = list_train_samples(self.root, split, num_frames, self.categories)
+        listed, problems = list_train_samples(self.root, split, num_frames, self.categories)
+        excluded = set(exclude_videos)
+        self.samples = [s for s in listed if s.video not in excluded]
         if problems and not skip_bad_samples:
             first = problems[0]
             more = f"{len(problems) - 1} more problem(s) in this split; " if len(problems) > 1 else ""
@@ -336,7 +340,11 @@ class YTVOSDataset(Dataset):
         for err in problems:
             self._record_skip(err)
         if not self.samples:
-            raise ValueError(f"{expressions_path(self.root, split)}: no usable training samples")
+            left_out = f" once the {len(excluded)} excluded videos are left out" if listed else ""
+            raise ValueError(f"{expressions_path(self.root, split)}: no usable training samples{left_out}")
+        self._by_video: dict[str, dict[str, TrainSample]] = {}  # video -> exp_id -> its first sample
+        for s in self.samples:
+            self._by_video.setdefault(s.video, {}).setdefault(s.exp_id, s)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -402,12 +410,8 @@ class YTVOSDataset(Dataset):
         return split_dir / "JPEGImages" / video / f"{frame}.jpg", split_dir / "Annotations" / video / f"{frame}.png"
 
     def video_expressions(self, video: str) -> list[TrainSample]:
-        """One sample per expression of ``video`` (its first anchor), in listing order; the index is rebuilt
-        when ``samples`` is replaced (e.g. by ``ytvos_proxy.hold_out``)."""
-        if self._by_video_of is not self.samples:
-            self._by_video, self._by_video_of = {}, self.samples
-            for s in self.samples:
-                self._by_video.setdefault(s.video, {}).setdefault(s.exp_id, s)
+        """One sample per expression of ``video`` (its first anchor) among the listed samples, in listing order
+        (an excluded video has none)."""
         return list(self._by_video.get(video, {}).values())
 
     def partner_expressions(self, sample: TrainSample, present: set[str]) -> list[TrainSample]:

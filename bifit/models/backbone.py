@@ -45,7 +45,6 @@ class VisualBackbone(nn.Module):
             if not pname.startswith(trainable):
                 p.requires_grad_(False)
         self.num_channels = RESNET_CHANNELS[name]
-        self.strides = (4, 8, 16, 32 if not dilation else 16)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         # channels-last activations: oneDNN convolutions run faster on CPU, values are the same

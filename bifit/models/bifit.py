@@ -97,10 +97,8 @@ class BIFIT(nn.Module):
         bbox_embed = MLP(d, d, 4, 3)
         self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(cfg.dec_layers))
         self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(cfg.dec_layers))
-        self.pixel_decoder = CrossModalFPNDecoder(channels[0], d, cfg.mask_dim, cfg.dim_feedforward, cfg.nheads,
-                                                  cfg.dropout)
-        self.mask_head = DynamicMaskHead(d, cfg.mask_dim, cfg.dynamic_mask_channels, cfg.controller_layers,
-                                         cfg.rel_coord)
+        self.pixel_decoder = CrossModalFPNDecoder(channels[0], d, cfg.dim_feedforward, cfg.nheads, cfg.dropout)
+        self.mask_head = DynamicMaskHead(d, cfg.dynamic_mask_channels, cfg.controller_layers, cfg.rel_coord)
         self._reset_head_parameters()
 
     def _reset_head_parameters(self):

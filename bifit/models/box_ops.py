@@ -20,21 +20,6 @@ def box_xyxy_to_cxcywh(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
 
 
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
-def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor):
-    """[n, 4], [m, 4] xyxy -> iou [n, m], union [n, m]."""
-    area1, area2 = box_area(boxes1), box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2 - inter
-    return inter / union, union
-
-
 def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Generalised IoU of corresponding xyxy boxes: [..., 4], [..., 4] -> [...]. No validity check (it would
     stop the device for a host sync): predicted boxes come from a sigmoid and target boxes from the data's Check."""
@@ -46,15 +31,3 @@ def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
     hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     area = hull[..., 0] * hull[..., 1]
     return inter / union - (area - union) / area
-
-
-def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of xyxy boxes: [n, 4], [m, 4] -> [n, m]."""
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all() or not (boxes2[:, 2:] >= boxes2[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes must be xyxy with x1 >= x0 and y1 >= y0 (got a degenerate box)")
-    iou, union = box_iou(boxes1, boxes2)
-    lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    area = wh[..., 0] * wh[..., 1]
-    return iou - (area - union) / area

@@ -31,10 +31,10 @@ def dice_loss(logits, targets, num_boxes):
 
 
 class SetCriterion(nn.Module):
-    def __init__(self, matcher, weight_dict: dict[str, float], focal_alpha=0.25, mask_out_stride=4):
+    def __init__(self, matcher, weight_dict: dict[str, float], focal_alpha=0.25):
         super().__init__()
         self.matcher, self.weight_dict = matcher, weight_dict
-        self.focal_alpha, self.stride = focal_alpha, mask_out_stride
+        self.focal_alpha = focal_alpha
 
     def loss_labels(self, out, targets, matched, num_boxes):
         logits = out["pred_logits"]  # [b, t, q, k]
@@ -77,7 +77,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Unweighted loss terms; `weighted_total(losses)` combines them."""
-        target_masks = pad_and_subsample_masks([t["masks"] for t in targets], self.stride)
+        target_masks = pad_and_subsample_masks([t["masks"] for t in targets])
         target_masks = target_masks.to(outputs["pred_masks"])
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         losses = {}
@@ -99,7 +99,6 @@ def build_criterion(cfg) -> SetCriterion:
     from bifit.models.matcher import VideoMatcher
 
     m = cfg.matcher
-    matcher = VideoMatcher(m.cost_class, m.cost_bbox, m.cost_giou, m.cost_mask, m.cost_dice,
-                           cfg.loss.focal_alpha, cfg.loss.mask_out_stride)
+    matcher = VideoMatcher(m.cost_class, m.cost_bbox, m.cost_giou, m.cost_mask, m.cost_dice, cfg.loss.focal_alpha)
     weights = cfg.loss.weight_dict(cfg.model.dec_layers, cfg.model.aux_loss)
-    return SetCriterion(matcher, weights, cfg.loss.focal_alpha, cfg.loss.mask_out_stride)
+    return SetCriterion(matcher, weights, cfg.loss.focal_alpha)

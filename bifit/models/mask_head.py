@@ -24,15 +24,15 @@ class MLP(nn.Module):
 class DynamicMaskHead(nn.Module):
     """Generates per-query conv weights (controller) and applies them to the mask features.
 
-    The dynamic convs are 1x1 with widths (mask_dim + 2) -> c -> c -> 1 for c = dynamic_mask_channels
+    The dynamic convs are 1x1 with widths (hidden_dim + 2) -> c -> c -> 1 for c = dynamic_mask_channels
     and ReLU between them; the 2 extra input channels are the pixel offsets (x, y) from the query's
     box centre to each mask-feature location.
     """
 
-    def __init__(self, hidden_dim, mask_dim=256, channels=8, controller_layers=3, rel_coord=True, feat_stride=4):
+    def __init__(self, hidden_dim, channels=8, controller_layers=3, rel_coord=True, feat_stride=4):
         super().__init__()
         self.rel_coord, self.feat_stride, self.channels = rel_coord, feat_stride, channels
-        in_ch = mask_dim + 2 if rel_coord else mask_dim
+        in_ch = hidden_dim + 2 if rel_coord else hidden_dim  # the mask features have hidden_dim channels
         self.weight_sizes = [(channels, in_ch), (channels, channels), (1, channels)]
         num_params = sum(o * i for o, i in self.weight_sizes) + sum(o for o, _ in self.weight_sizes)
         self.controller = MLP(hidden_dim, hidden_dim, num_params, controller_layers)

@@ -7,10 +7,14 @@ from torch import nn
 
 from bifit.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
+MASK_OUT_STRIDE = 4  # masks are predicted at 1/4 of the input size (the official --mask_out_stride)
 
-def pad_and_subsample_masks(masks: list[torch.Tensor], stride: int = 4, divisor: int = 32) -> torch.Tensor:
-    """list of [t, h_i, w_i] -> [b, t, H/stride, W/stride]: zero-pad to a common multiple of `divisor`,
-    then keep rows/columns stride//2, stride//2 + stride, ... (the grid of the predicted mask logits)."""
+
+def pad_and_subsample_masks(masks: list[torch.Tensor], divisor: int = 32) -> torch.Tensor:
+    """list of [t, h_i, w_i] -> [b, t, H/stride, W/stride] for stride = MASK_OUT_STRIDE: zero-pad to a common
+    multiple of `divisor`, then keep rows/columns stride//2, stride//2 + stride, ... (the grid of the predicted
+    mask logits)."""
+    stride = MASK_OUT_STRIDE
     h = max(m.shape[-2] for m in masks)
     w = max(m.shape[-1] for m in masks)
     h, w = -(-h // divisor) * divisor, -(-w // divisor) * divisor
@@ -44,18 +48,18 @@ class VideoMatcher(nn.Module):
     total cost. Every clip is costed at once and the result stays on the device (no host sync)."""
 
     def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, cost_mask=2.0, cost_dice=5.0,
-                 focal_alpha=0.25, mask_out_stride=4):
+                 focal_alpha=0.25):
         super().__init__()
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.cost_mask, self.cost_dice = cost_mask, cost_dice
-        self.alpha, self.stride = focal_alpha, mask_out_stride
+        self.alpha = focal_alpha
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict], target_masks: torch.Tensor | None = None) -> torch.Tensor:
         """outputs: pred_logits [b, t, q, k], pred_boxes [b, t, q, 4], pred_masks [b, t, q, h, w]; one referred
         object per clip. Returns the matched query of every clip: [b] long, on the outputs' device."""
         if target_masks is None:
-            target_masks = pad_and_subsample_masks([t["masks"] for t in targets], self.stride)
+            target_masks = pad_and_subsample_masks([t["masks"] for t in targets])
         prob = outputs["pred_logits"][..., 0].sigmoid()  # [b, t, q] (binary: class 0)
         valid = torch.stack([t["valid"] for t in targets]).to(prob)[..., None]  # [b, t, 1]
         a, g = self.alpha, 2.0

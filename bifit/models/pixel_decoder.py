@@ -73,8 +73,8 @@ class VisionLanguageBlock(nn.Module):
 class CrossModalFPNDecoder(nn.Module):
     SR_RATIOS = (8, 4, 2, 1)  # blocks 1..4 (strides 4, 8, 16, 32)
 
-    def __init__(self, res2_channels: int, conv_dim: int = 256, mask_dim: int = 256, dim_feedforward: int = 2048,
-                 nhead: int = 8, dropout: float = 0.1):
+    def __init__(self, res2_channels: int, conv_dim: int = 256, dim_feedforward: int = 2048, nhead: int = 8,
+                 dropout: float = 0.1):
         super().__init__()
         in_channels = (res2_channels, conv_dim, conv_dim, conv_dim)
         for stage, (in_ch, sr) in enumerate(zip(in_channels, self.SR_RATIOS), start=1):
@@ -84,12 +84,12 @@ class CrossModalFPNDecoder(nn.Module):
                 f"cross_attn_{stage}",
                 VisionLanguageBlock(conv_dim, nhead, dim_feedforward, dropout=dropout, sr_ratio=sr),
             )
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
+        self.mask_features = nn.Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1)  # mask_dim = hidden_dim
 
     def forward(self, res2, memory, masks, poses, text, text_mask, text_pos, num_frames):
         """res2 [(b t), c2, H/4, W/4]; memory: [8x, 16x, 32x] maps; masks/poses: the backbone levels 4x..32x.
 
-        Returns mask features [(b t), mask_dim, H/4, W/4].
+        Returns mask features [(b t), conv_dim, H/4, W/4].
         """
         inputs = [res2, *memory]  # strides 4, 8, 16, 32
         y = None

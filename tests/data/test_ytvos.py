@@ -381,9 +381,12 @@ def test_train_stage_dataset_takes_expressions_per_clip_from_the_config(bench):
     assert isinstance(target, dict)
 
 
-def test_partner_index_follows_a_replaced_sample_list(bench):
+def test_excluded_videos_are_not_listed_nor_partners(bench):
     ds = dataset(bench, expressions_per_clip=2)
     video = ds.samples[0].video
     assert len(ds.video_expressions(video)) == len(meta(bench)[video]["expressions"])
-    ds.samples = [s for s in ds.samples if s.video != video]  # what ytvos_proxy.hold_out does
-    assert ds.video_expressions(video) == []
+    held = dataset(bench, expressions_per_clip=2, exclude_videos=[video])  # e.g. the ytvos_proxy videos
+    assert held.samples == [s for s in ds.samples if s.video != video]
+    assert held.video_expressions(video) == []
+    other = held.samples[0]
+    assert held.video_expressions(other.video) == ds.video_expressions(other.video)

@@ -239,8 +239,9 @@ def test_a2d_masks_smaller_than_frames_are_scored_on_the_gt_grid_and_counted_in_
     back to the GT's size, and the evaluation stage counts such samples in its metrics JSON and MLflow run."""
     from mlflow.tracking import MlflowClient
 
+    from bifit.loading import LoadedModel
     from pipeline import evaluate_dataset
-    from pipeline.config import load_pipeline_config
+    from pipeline.config import load_pipeline_config, resolve
     from tests.pipeline.test_datasets import _dataset_params
 
     raw = tmp_path / "raw"
@@ -250,16 +251,16 @@ def test_a2d_masks_smaller_than_frames_are_scored_on_the_gt_grid_and_counted_in_
     frames = np.stack(read_video_frames(video_path, "x"))
     synthetic_a2d.write_mp4(video_path, frames.repeat(2, axis=1).repeat(2, axis=2), A2D.fps)  # 2x the masks
     cfg = load_pipeline_config(_dataset_params(tmp_path))
-    summary = preprocess_a2d(raw, cfg.datasets.resolve(cfg.datasets.prepared) / "a2d", progress=False)
+    summary = preprocess_a2d(raw, resolve(cfg.datasets.prepared) / "a2d", progress=False)
     assert summary["test_size_mismatches"] >= 1
-    monkeypatch.setattr(evaluate_dataset, "load_model",
-                        lambda cfg, path, device=None: (ConstantModel(full=1), CharTokenizer(), {}))
+    monkeypatch.setattr(evaluate_dataset, "load_eval_model", lambda cfg, path, device=None: LoadedModel(
+        ConstantModel(full=1), cfg.model, CharTokenizer(), {}, official=False))
 
     metrics = evaluate_dataset.evaluate_dataset(cfg, "a2d")
     assert metrics["size_mismatches"] == summary["test_size_mismatches"]
-    assert json.loads((cfg.path("metrics") / "a2d.json").read_text())["size_mismatches"] == metrics["size_mismatches"]
+    assert json.loads((resolve(cfg.paths.metrics) / "a2d.json").read_text())["size_mismatches"] == metrics["size_mismatches"]
     # the whole-frame query on the GT grid: IoU_i = |G_i| / (H W), the resized samples included
-    gt = load_coco_gt(cfg.datasets.resolve(cfg.datasets.prepared) / "a2d" / COCO_GT_JSON)
+    gt = load_coco_gt(resolve(cfg.datasets.prepared) / "a2d" / COCO_GT_JSON)
     areas = np.array([gt_mask(gt, iid).sum() for iid in gt["images"]], dtype=np.float64)
     assert metrics["num_samples"] == len(areas) and metrics["num_skipped"] == 0
     assert metrics["mean_iou"] == pytest.approx(np.mean(areas / (A2D.height * A2D.width)), rel=1e-6)

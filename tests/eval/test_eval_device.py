@@ -74,33 +74,36 @@ def _toy_params(tmp_path, **eval_settings):
 
 
 def _fake_checkpoint_loading(monkeypatch, loaded: list):
-    """build_from_checkpoint without files: a tiny CPU model, the word tokenizer, an empty checkpoint dict."""
+    """bifit.load_model without files: one of our checkpoints recording the toy config, a tiny CPU model, the word
+    tokenizer."""
     import transformers
 
+    import bifit.loading
     import bifit.models
-    import pipeline.evaluate
+    from bifit.config import to_dict
+    from bifit.loading import OUR_FORMAT
+    from pipeline.config import PipelineConfig
 
-    def load_checkpoint(path):
+    def safe_load(path):
         loaded.append(path)
-        return {"model": None}
+        return {"format": OUR_FORMAT, "model": {}, "config": to_dict(PipelineConfig())}
 
-    monkeypatch.setattr(pipeline.evaluate, "load_checkpoint", load_checkpoint)
-    monkeypatch.setattr(pipeline.evaluate, "load_state_dict_strict", lambda *a: None)
+    monkeypatch.setattr(bifit.loading, "safe_load", safe_load)
+    monkeypatch.setattr(bifit.loading, "load_state_dict_strict", lambda *a: None)
     monkeypatch.setattr(bifit.models, "build_model", lambda cfg: tiny_model(seed=0))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: WordTokenizer())
 
 
-@pytest.mark.parametrize("stage", ["evaluate_dataset", "evaluate"])
-def test_evaluate_stages_refuse_cuda_without_a_gpu_before_reading_the_checkpoint(tmp_path, monkeypatch, stage):
-    from pipeline import evaluate, evaluate_dataset
+@pytest.mark.parametrize("dataset", ["ytvos_proxy", "ytvos"])
+def test_evaluate_stage_refuses_cuda_without_a_gpu_before_reading_the_checkpoint(tmp_path, monkeypatch, dataset):
+    from pipeline import evaluate_dataset
 
     _no_gpu(monkeypatch)
     loaded = []
     _fake_checkpoint_loading(monkeypatch, loaded)
     params = _toy_params(tmp_path, device="cuda")
-    argv = ["--params", str(params)] + (["--dataset", "ytvos_proxy"] if stage == "evaluate_dataset" else [])
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(params))}: eval.device: 'cuda' asks for a GPU"):
-        {"evaluate_dataset": evaluate_dataset.main, "evaluate": evaluate.main}[stage](argv)
+        evaluate_dataset.main(["--params", str(params), "--dataset", dataset])
     assert loaded == [] and not (tmp_path / "metrics").exists()
 
 
@@ -136,11 +139,11 @@ def test_evaluate_dataset_moves_the_model_to_the_resolved_device_and_records_it(
 def test_mlflow_params_record_device_and_amp_and_a_rerun_otherwise_becomes_tags(tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import log_eval_settings
+    from pipeline.evaluate_dataset import log_eval_settings
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run_id = client.create_run(client.create_experiment("x", artifact_location=tmp_path.as_uri())).info.run_id
-    caplog.set_level(logging.WARNING, logger="pipeline.evaluate")
+    caplog.set_level(logging.WARNING, logger="pipeline.evaluate_dataset")
     log_eval_settings(client, run_id, "davis", {"device": "cpu", "amp": False})
     log_eval_settings(client, run_id, "davis", {"device": "cpu", "amp": False})  # the same values: no conflict
     assert "already records" not in caplog.text

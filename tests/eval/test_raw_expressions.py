@@ -71,20 +71,18 @@ def test_tokenize_passes_the_text_as_given():
     assert tok.seen == [RAW]
 
 
-def test_ytvos_valid_inference_tokenizes_the_raw_expression(ytvos, tmp_path, monkeypatch):
-    import bifit.data.ytvos as ytvos_module
-    from pipeline.evaluate import evaluate
-    from pipeline.evaluate_dataset import predict_ytvos_valid
+def test_ytvos_valid_inference_tokenizes_the_raw_expression(ytvos, tmp_path):
+    from bifit.eval.ytvos import evaluate_valid, inference_options, predict_valid
 
     assert RAW in [e.caption for e in inference_expressions(ytvos, "valid")]
     cfg = SimpleNamespace(data=SimpleNamespace(root=str(ytvos), eval_short_side=32), train=SimpleNamespace(seed=0),
                           eval=SimpleNamespace(num_frames=0, threshold=0.5, batch_expressions=4, amp=False))
     tok = RecordingTokenizer()
-    evaluate(cfg, BackgroundModel(), tok, None)  # synthetic valid: local GT
+    evaluate_valid(BackgroundModel(), tok, ytvos, seed=0, **inference_options(cfg))  # synthetic valid: local GT
     assert RAW in tok.seen and NORMALISED not in tok.seen
-    monkeypatch.setattr(ytvos_module, "NUM_VALID_VIDEOS", len(inference_videos(ytvos, "valid")))
     tok = RecordingTokenizer()
-    predict_ytvos_valid(cfg, BackgroundModel(), tok, ytvos, tmp_path / "pred", tmp_path / "plot.csv")  # real path
+    predict_valid(BackgroundModel(), tok, ytvos, tmp_path / "pred", expected_videos=len(inference_videos(ytvos)),
+                  **inference_options(cfg))  # the real valid split's path: masks only
     assert RAW in tok.seen and NORMALISED not in tok.seen
 
 

@@ -8,15 +8,14 @@ from PIL import Image
 
 from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
 from bifit.data.ytvos import YTVOSDataset, load_gt_masks
+from bifit.eval.ytvos import score_expression
 from bifit.eval.ytvos_proxy import (
     evaluate_proxy,
-    hold_out,
     proxy_count,
     proxy_expressions,
     proxy_rank,
     proxy_videos,
     read_video_list,
-    score_expression,
     select_proxy_videos,
     write_video_list,
 )
@@ -50,15 +49,16 @@ def test_selection_rule_is_fixed_and_documented():
         select_proxy_videos(ids[:1], 0.5)
 
 
-def test_list_file_round_trip_and_hold_out(bench, tmp_path):
+def test_list_file_round_trip_and_held_out_of_the_training_dataset(bench, tmp_path):
     videos = proxy_videos(bench, 0.4)
     write_video_list(tmp_path / "list.txt", videos)
     assert read_video_list(tmp_path / "list.txt") == videos
-    ds = YTVOSDataset(bench, "train", 2, categories=SYNTHETIC_CATEGORIES, rng=random.Random(0))
-    n_before = len(ds)
-    removed = hold_out(ds, videos)
-    assert removed > 0 and len(ds) == n_before - removed
+    every = YTVOSDataset(bench, "train", 2, categories=SYNTHETIC_CATEGORIES, rng=random.Random(0))
+    ds = YTVOSDataset(bench, "train", 2, categories=SYNTHETIC_CATEGORIES, rng=random.Random(0), exclude_videos=videos)
+    assert ds.samples == [s for s in every.samples if s.video not in videos] and len(ds) < len(every)
     assert not {s.video for s in ds.samples} & set(videos)
+    with pytest.raises(ValueError, match="no usable training samples once the 5 excluded videos are left out"):
+        YTVOSDataset(bench, "train", 2, categories=SYNTHETIC_CATEGORIES, exclude_videos={s.video for s in every.samples})
     with pytest.raises(FileNotFoundError, match="run the preprocess stage"):
         read_video_list(tmp_path / "none.txt")
 
@@ -76,12 +76,13 @@ def test_score_expression_values():
 
 def test_tiny_model_proxy_run_scores_the_written_masks(bench, tmp_path):
     videos = proxy_videos(bench, 0.4)
-    metrics, rows = evaluate_proxy(tiny_model(seed=0).eval(), WordTokenizer(), bench, videos, short_side=64,
-                                   batch=4, out_dir=tmp_path, progress=False)
+    metrics, result = evaluate_proxy(tiny_model(seed=0).eval(), WordTokenizer(), bench, videos, short_side=64,
+                                     batch=4, out_dir=tmp_path, progress=False)
     exps = proxy_expressions(bench, videos)
-    assert metrics["num_videos"] == 2 and metrics["num_expressions"] == len(exps) == len(rows)
+    assert metrics["num_videos"] == 2 and metrics["num_expressions"] == len(exps) == len(result.rows)
     assert 0 <= metrics["jf"] <= 1 and metrics["jf"] == pytest.approx((metrics["j"] + metrics["f"]) / 2)
-    for e, row in zip(exps, rows):
+    assert list(result.per_video()) == videos
+    for e, row in zip(exps, result.rows):
         pred = np.stack([np.array(Image.open(tmp_path / e.video / e.exp_id / f"{f}.png")) for f in e.frames])
         assert set(np.unique(pred)) <= {0, 255}
         gt = load_gt_masks(bench, e.video, e.frames, e.obj_id, "train").numpy()
@@ -101,9 +102,9 @@ def test_missing_annotation_is_named_or_skipped(bench, tmp_path):
     missing.unlink()
     with pytest.raises(SampleError, match="missing annotation PNG"):
         evaluate_proxy(BackgroundModel(), WordTokenizer(), root, videos, short_side=64, progress=False)
-    metrics, rows = evaluate_proxy(BackgroundModel(), WordTokenizer(), root, videos, short_side=64,
-                                   out_dir=tmp_path / "out", skip_bad_samples=True, progress=False)
+    metrics, result = evaluate_proxy(BackgroundModel(), WordTokenizer(), root, videos, short_side=64,
+                                     out_dir=tmp_path / "out", skip_bad_samples=True, progress=False)
     assert metrics["num_skipped_videos"] == 1 and metrics["num_videos"] == 1
-    assert {r["video"] for r in rows} == {videos[1]}
+    assert {r["video"] for r in result.rows} == {videos[1]}
     skipped = json.loads((tmp_path / "out/skipped_samples.json").read_text())
     assert skipped[0]["file"] == str(missing) and videos[0] in skipped[0]["id"]

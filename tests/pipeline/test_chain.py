@@ -9,7 +9,7 @@ import yaml
 
 TOY = {
     "model": dict(backbone="resnet18", text_encoder="{te}", freeze_text_encoder=False, hidden_dim=32, nheads=4,
-                  enc_layers=1, dec_layers=2, dim_feedforward=32, mask_dim=32, num_queries=3,
+                  enc_layers=1, dec_layers=2, dim_feedforward=32, num_queries=3,
                   msda_backend="pytorch"),
     "data": dict(root="{root}", categories="synthetic", num_frames=2, train_scales=[96], max_size=192,
                  crop_resize_scales=[112], crop_min=96, crop_max=112, eval_short_side=96),
@@ -36,13 +36,16 @@ def _params(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    from pipeline import evaluate, generate, package, train
+    from pipeline import evaluate_dataset, generate, package, train
 
     tmp = tmp_path_factory.mktemp("chain")
     params = _params(tmp)
+    raw = yaml.safe_load(params.read_text())
+    raw["datasets"] = {"ytvos": {"checkpoint": str(tmp / "models/bifit.pth")}}  # the trained model, as dvc.yaml
+    params.write_text(yaml.safe_dump(raw))
     generate.main(["--params", str(params)])
     train.main(["--params", str(params)])
-    metrics = evaluate.main(["--params", str(params)])
+    metrics = evaluate_dataset.main(["--params", str(params), "--dataset", "ytvos"])
     package.main(["--params", str(params)])
     return tmp, params, metrics
 

@@ -245,14 +245,16 @@ def test_official_checkpoint_files_are_loaded_for_evaluation(stages, tmp_path):
     import torch
 
     from bifit.checkpoint import load_checkpoint, to_official_state_dict
-    from pipeline.evaluate_dataset import load_model
+    from pipeline.evaluate_dataset import load_eval_model
 
     tmp, _, cfg, _, _, _, _ = stages
     ours = load_checkpoint(tmp / "models/tiny.pth")["model"]
+    # released weights without args: built with the model section of params.yaml (the paper overlay for real ones)
     torch.save({"model": to_official_state_dict(ours), "epoch": 9}, tmp_path / "ytvos_r50.pth")
-    model, _, ckpt = load_model(cfg, tmp_path / "ytvos_r50.pth")
-    assert "mlflow_run_id" not in ckpt
-    state = model.state_dict()
+    loaded = load_eval_model(cfg, tmp_path / "ytvos_r50.pth")
+    assert loaded.official and loaded.checkpoint == {"epoch": 9} and "mlflow_run_id" not in loaded.checkpoint
+    state = loaded.model.state_dict()
     assert all(torch.equal(state[k].cpu(), v) for k, v in ours.items())  # on eval.device (auto: a GPU if any)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_model(cfg, tmp_path / "none.pth")
+    with pytest.raises(FileNotFoundError, match="none.pth: file not found") as err:
+        load_eval_model(cfg, tmp_path / "none.pth")
+    assert "datasets.<name>.checkpoint" in "".join(err.value.__notes__)

@@ -174,8 +174,10 @@ BAD_PARAMS = [
      r"model\.dilation: expected false with model\.backbone 'resnet18'"),
     ("CUDA kernels without GPU workers", {"model": {"msda_backend": "cuda"}},
      r"model\.msda_backend: expected 'auto', 'cpu' or 'pytorch' while ray\.use_gpu is false"),
-    ("mask head narrower than the transformer", {"model": {"mask_dim": 64}},
+    ("obsolete key with another value than it could hold", {"model": {"mask_dim": 64}},
      r"model\.mask_dim: expected equal to model\.hidden_dim \(32\), got 64"),
+    ("a dataset the train stage cannot read (obsolete key)", {"data": {"dataset": "a2d"}},
+     r"data\.dataset: expected 'ytvos' \(the train stage trains on Ref-YouTube-VOS-format data\), got 'a2d'"),
     ("auxiliary loss with one decoder layer", {"model": {"dec_layers": 1}},
      r"model\.dec_layers: expected >= 2 when aux_loss is on, got 1"),
 ]
@@ -186,8 +188,6 @@ BAD_PARAMS_PREFLIGHT = [
     ("a batch larger than the data", {"train": {"batch_size": 1000}},
      r"train\.batch_size: \d+ training samples in .* cannot fill one step of train\.batch_size \(1000\) x "
      r"ray\.num_workers \(2\)"),
-    ("a dataset the train stage cannot read", {"data": {"dataset": "a2d"}},
-     r"data\.dataset: the train stage trains on 'ytvos'-format data, got 'a2d'"),
 ]
 
 

@@ -187,7 +187,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 def test_checkpoint_of_another_architecture_lists_the_mismatching_keys(tmp_path):
     """A ReferFormer-style model (one-way fusion, no inter-frame layers, wider) loaded into BIFIT."""
-    other = tiny_model(hidden_dim=96, mask_dim=96, nheads=4, inter_frame_layers=0, bidirectional_vl=False)
+    other = tiny_model(hidden_dim=96, nheads=4, inter_frame_layers=0, bidirectional_vl=False)
     torch.save({"model": to_official_state_dict(other.state_dict())}, tmp_path / "referformer.pth")
     with pytest.raises(CheckpointError) as err:
         load_official(tmp_path / "referformer.pth", tiny_model())

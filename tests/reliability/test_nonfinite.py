@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bifit.engine import NonFiniteLossError, gather_nonfinite
+from pipeline import tracking
 from pipeline.config import load_pipeline_config
 from pipeline.faults import read_events, read_fatal
 from tests.reliability.conftest import write_params
@@ -111,6 +112,8 @@ def test_ray_run_stops_once_with_the_message_and_no_retry(tmp_path, toy_data, fr
     folder = run_dir(cfg)
     assert read_fatal(folder)["type"] == "NonFiniteLossError"
     assert [e["event"] for e in read_events(folder)] == ["driver_start", "start"]  # trained once, not 2 times
+    run_id = (folder / "mlflow_run_id").read_text().strip()
+    assert tracking.run_state(cfg.mlflow.resolved_uri(), run_id) == "FAILED"  # the worker's error ended the run
 
 
 @pytest.mark.timeout(600)  # a Ray run that hangs fails instead of blocking the suite

@@ -1,0 +1,178 @@
+"""Loading a trained model for inference: :func:`load_model`, the one way to do it (evaluate stages, the sweep's
+trials, the notebooks).
+
+The architecture built is the one the checkpoint was trained with, never the caller's current settings:
+
+- our checkpoints (``bifit-checkpoint-v1``, :func:`bifit.checkpoint.save_checkpoint`): the ``model`` section of
+  the configuration saved in the file;
+- official BIFIT/ReferFormer training files: their ``args`` (the official ``opts.py`` namespace) mapped to a
+  :class:`~bifit.config.ModelConfig` by :func:`model_config_from_official_args` (the mapping the parity check
+  uses), the official key names mapped to ours (:data:`bifit.checkpoint.KEY_MAP`). An official file that carries
+  no ``args`` (a bare state dict, released weights) does not say its architecture: the caller names it
+  (``architecture=``), else the file is refused.
+
+Only settings that do not change the weights' shapes can be overridden (:data:`OVERRIDABLE`): where the text
+encoder's files are (an official file's args do not name one: the official code hard-codes ``roberta-base``), the
+deformable-attention backend, and training-only switches. The weights are loaded strictly: a file of another
+architecture lists its missing, unexpected and mis-shaped keys, naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bifit.checkpoint import (
+    OUR_FORMAT,
+    CheckpointError,
+    extract_model_state,
+    load_official_state,
+    load_state_dict_strict,
+    safe_load,
+)
+from bifit.config import ConfigError, ModelConfig, from_dict, to_dict
+
+OFFICIAL_TEXT_ENCODER = "roberta-base"  # what the official code loads (its args do not name a text encoder)
+# ModelConfig fields that leave the state dict's keys and shapes unchanged
+OVERRIDABLE = ("text_encoder", "msda_backend", "backbone_weights", "train_backbone", "backbone_trainable_layers",
+               "freeze_text_encoder", "dropout")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the requested device
+    config: ModelConfig  # the architecture built (the checkpoint's, with the overrides)
+    tokenizer: Any  # of config.text_encoder
+    checkpoint: dict  # the file's other entries (ours: format, config, epoch, mlflow_run_id, ...; official: args, ...)
+    official: bool  # an official BIFIT/ReferFormer file
+
+
+def model_config_from_official_args(args: dict, where: str = "args",
+                                    text_encoder: str = OFFICIAL_TEXT_ENCODER) -> ModelConfig:
+    """The official ``opts.py`` values (``vars(args)`` of an official training file) -> our ModelConfig."""
+    if args.get("two_stage"):
+        raise ValueError(f"{where}.two_stage: only two_stage=False is supported")
+    if not args.get("with_box_refine", True):
+        raise ValueError(f"{where}.with_box_refine: only with_box_refine=True is supported")
+    if args.get("mask_dim", args["hidden_dim"]) != args["hidden_dim"]:
+        raise ValueError(f"{where}.mask_dim: only mask_dim == hidden_dim ({args['hidden_dim']}) is supported, "
+                         f"got {args['mask_dim']}")
+    return ModelConfig(
+        backbone=args.get("backbone", "resnet50"), backbone_weights=None, dilation=bool(args.get("dilation", False)),
+        train_backbone=float(args.get("lr_backbone", 1e-5)) > 0, text_encoder=text_encoder,
+        freeze_text_encoder=bool(args.get("freeze_text_encoder", True)), hidden_dim=args["hidden_dim"],
+        nheads=args["nheads"], enc_layers=args["enc_layers"], dec_layers=args["dec_layers"],
+        dim_feedforward=args["dim_feedforward"], dropout=args["dropout"],
+        num_feature_levels=args["num_feature_levels"], enc_n_points=args["enc_n_points"],
+        dec_n_points=args["dec_n_points"], num_queries=args["num_queries"],
+        num_classes=1 if args.get("binary", True) else 65,
+        controller_layers=args["controller_layers"], dynamic_mask_channels=args["dynamic_mask_channels"],
+        rel_coord=bool(args.get("rel_coord", True)), aux_loss=bool(args.get("aux_loss", True)),
+        inter_frame_layers=args.get("query_enc_layers", 1), bidirectional_vl=True, msda_backend="auto",
+    )
+
+
+def _missing_directory(text_encoder: str) -> bool:
+    """A text encoder recorded as an absolute directory that does not exist here (trained on another machine)."""
+    return Path(text_encoder).is_absolute() and not Path(text_encoder).exists()
+
+
+def _recorded_architecture(obj, where: str, architecture: ModelConfig | None,
+                           text_encoder_fallback: str | None) -> tuple[ModelConfig, bool]:
+    """(the architecture the file was trained with, whether it is an official file)."""
+    if isinstance(obj, dict) and obj.get("format") == OUR_FORMAT:
+        saved = obj.get("config")
+        if not isinstance(obj.get("model"), dict) or not isinstance(saved, dict) or not isinstance(
+                saved.get("model"), dict):
+            raise CheckpointError(f"{where}: a {OUR_FORMAT} file without its weights ('model') or its saved model "
+                                  "configuration ('config' -> 'model')")
+        try:
+            cfg = from_dict(ModelConfig, dict(saved["model"]), "model")
+        except ConfigError as err:
+            raise CheckpointError(f"{where}: its saved model configuration is not readable here: {err}") from None
+        if text_encoder_fallback is not None and _missing_directory(cfg.text_encoder):
+            cfg.text_encoder = str(text_encoder_fallback)
+        return cfg, False
+    try:
+        extract_model_state(obj, where)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (neither a {OUR_FORMAT} file nor an official BIFIT/ReferFormer "
+                              "checkpoint)") from None
+    args = obj.get("args") if "model" in obj else None
+    if args is not None:
+        args = vars(args) if isinstance(args, argparse.Namespace) else args
+        if not isinstance(args, dict):
+            raise CheckpointError(f"{where}: 'args' is a {type(args).__name__}, expected the official argparse "
+                                  "namespace")
+        text_encoder = args.get("text_encoder") or text_encoder_fallback or OFFICIAL_TEXT_ENCODER
+        try:
+            return model_config_from_official_args(args, f"{where}: args", text_encoder), True
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{where}: its official args do not describe a supported model ({err})") from None
+    if architecture is None:
+        kind = "an official file without args" if "model" in obj else "a bare state dict"
+        raise CheckpointError(f"{where}: {kind} does not record its architecture, and neither a {OUR_FORMAT} "
+                              "file (no saved config); pass architecture=ModelConfig(...) (e.g. the paper's model "
+                              "section) to load it")
+    cfg = dataclasses.replace(architecture)
+    if text_encoder_fallback is not None:
+        cfg.text_encoder = str(text_encoder_fallback)
+    return cfg, True
+
+
+def _apply_overrides(cfg: ModelConfig, overrides: dict, where: str) -> ModelConfig:
+    wrong = sorted(set(overrides) - set(OVERRIDABLE))
+    if wrong:
+        raise ValueError(f"load_model overrides: {wrong} would change the architecture recorded in {where} (or are "
+                         f"not model settings); only {list(OVERRIDABLE)} can be overridden")
+    cfg = from_dict(ModelConfig, {**to_dict(cfg), **overrides}, "model")
+    cfg.validate()
+    return cfg
+
+
+def load_model(path_or_official_file, overrides: dict | None = None, device=None, *,
+               architecture: ModelConfig | None = None, text_encoder_fallback: str | None = None) -> LoadedModel:
+    """Build the architecture a checkpoint was trained with, load its weights strictly and return the model in
+    eval mode on ``device`` with its config and tokenizer (module docstring).
+
+    path_or_official_file: one of our checkpoints or an official BIFIT/ReferFormer file (read with
+        ``torch.load(weights_only=True)``: a pickle that would run code is refused).
+    overrides: ModelConfig fields that do not change the architecture (:data:`OVERRIDABLE`), e.g.
+        ``{"msda_backend": "pytorch"}`` or ``{"text_encoder": "/path/roberta-base"}``.
+    device: a ``torch.device``, or ``auto`` | ``cpu`` | ``cuda`` (None: auto, the GPU when torch sees one; cuda
+        without a GPU raises before the file is read).
+    architecture: the ModelConfig of an official file that records no ``args`` (ignored for any other file).
+    text_encoder_fallback: the text encoder used where the file names none available here: an official file
+        (its args name none; default ``roberta-base``), or one of ours whose encoder is a directory that does
+        not exist on this machine. Only its architecture and tokenizer are used; the weights come from the file.
+
+    A recorded ``msda_backend: cuda`` becomes ``auto`` on a CPU device (an override is kept as given).
+    """
+    from transformers import AutoTokenizer
+
+    from bifit.inference import resolve_device
+    from bifit.models import build_model
+
+    path = Path(path_or_official_file)
+    where = f"checkpoint {path}"
+    device = device if isinstance(device, torch.device) else resolve_device(device or "auto", "device")
+    obj = safe_load(path)
+    cfg, official = _recorded_architecture(obj, where, architecture, text_encoder_fallback)
+    overrides = dict(overrides or {})
+    if cfg.msda_backend == "cuda" and device.type != "cuda" and "msda_backend" not in overrides:
+        overrides["msda_backend"] = "auto"
+    cfg = _apply_overrides(cfg, overrides, where)
+    model = build_model(cfg)
+    if official:
+        rest = load_official_state(model, obj, where)
+    else:
+        load_state_dict_strict(model, obj["model"], where)
+        rest = {k: v for k, v in obj.items() if k != "model"}
+    # moved once: every inference function runs where the model's parameters are
+    return LoadedModel(model.to(device).eval(), cfg, AutoTokenizer.from_pretrained(cfg.text_encoder), rest, official)
