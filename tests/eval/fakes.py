@@ -42,3 +42,19 @@ class BackgroundModel(torch.nn.Module):
         b, t = input_ids.shape[0], visual.num_frames
         h, w = -(-int(sizes[0, 0]) // 4), -(-int(sizes[0, 1]) // 4)
         return {"pred_logits": torch.zeros(b, t, 2, 1), "pred_masks": torch.full((b, t, 2, h, w), -4.0)}
+
+
+def prepared_ref_davis(folder, num_val_videos: int, frames_per_video: int):
+    """A synthetic Ref-DAVIS17 download (the three official zips) extracted and converted: (raw, prepared)."""
+    from bifit.data.archive import extract
+    from bifit.data.davis_convert import convert_ref_davis
+    from bifit.data.synthetic_davis import SyntheticDavisConfig, archive_names, generate_ref_davis
+
+    raw = folder / "ref-davis"
+    generate_ref_davis(SyntheticDavisConfig(seed=2, num_train_videos=1, num_val_videos=num_val_videos,
+                                            frames_per_video=frames_per_video, height=96, width=128), raw,
+                       progress=False)
+    for name in archive_names():
+        extract(raw / name, raw, progress=False)
+    convert_ref_davis(raw, raw.parent / "prepared", progress=False)
+    return raw, raw.parent / "prepared"

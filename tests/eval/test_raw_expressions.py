@@ -9,14 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from bifit.data.archive import extract
 from bifit.data.collate import tokenize
 from bifit.data.davis import RefDavisDataset, ref_davis_videos
-from bifit.data.davis_convert import convert_ref_davis
 from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
-from bifit.data.synthetic_davis import SyntheticDavisConfig, archive_names, generate_ref_davis
 from bifit.data.ytvos import SampleError, YTVOSDataset, inference_expressions, inference_videos
-from tests.eval.fakes import BackgroundModel, WordTokenizer
+from tests.eval.fakes import BackgroundModel, WordTokenizer, prepared_ref_davis
 
 RAW = "The  Red  Square"  # capitals and repeated spaces: normalising would change its tokens
 NORMALISED = "the red square"
@@ -53,13 +50,7 @@ def ytvos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def davis(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("raw_davis") / "ref-davis"
-    generate_ref_davis(SyntheticDavisConfig(seed=2, num_train_videos=1, num_val_videos=1, frames_per_video=4,
-                                            height=96, width=128), raw, progress=False)
-    for name in archive_names():
-        extract(raw / name, raw, progress=False)
-    prepared = raw.parent / "prepared"
-    convert_ref_davis(raw, prepared, progress=False)
+    _, prepared = prepared_ref_davis(tmp_path_factory.mktemp("raw_davis"), num_val_videos=1, frames_per_video=4)
     for split in ("train", "valid"):
         set_first_expression(prepared / f"meta_expressions/{split}/meta_expressions.json", RAW)
     return prepared

@@ -8,10 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bifit.data.archive import extract
 from bifit.data.davis import ref_davis_videos
-from bifit.data.davis_convert import convert_ref_davis
-from bifit.data.synthetic_davis import SyntheticDavisConfig, archive_names, generate_ref_davis
 from bifit.eval.davis import evaluate_ref_davis
 from bifit.eval.ref_davis import (
     evaluate_ref_davis_model,
@@ -20,7 +17,7 @@ from bifit.eval.ref_davis import (
     predict_label_maps,
 )
 from tests.conftest import tiny_model
-from tests.eval.fakes import WordTokenizer
+from tests.eval.fakes import WordTokenizer, prepared_ref_davis
 
 
 def test_running_merge_equals_the_reference_argmax():
@@ -107,13 +104,7 @@ def test_query_is_chosen_per_clip_and_objects_merged():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("davis") / "ref-davis"
-    generate_ref_davis(SyntheticDavisConfig(seed=2, num_train_videos=1, num_val_videos=2, frames_per_video=5,
-                                            height=96, width=128), raw, progress=False)
-    for name in archive_names():
-        extract(raw / name, raw, progress=False)
-    convert_ref_davis(raw, raw.parent / "prepared", progress=False)
-    return raw, raw.parent / "prepared"
+    return prepared_ref_davis(tmp_path_factory.mktemp("davis"), num_val_videos=2, frames_per_video=5)
 
 
 def test_tiny_model_run_matches_rescoring_of_the_written_pngs(prepared, tmp_path):

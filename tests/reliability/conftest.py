@@ -128,3 +128,24 @@ def fresh_ray(local_ray):
     ray.shutdown()
     local_ray()
     return local_ray
+
+
+def _gloo_rank(rank: int, world: int, init_file: str, fn, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_ranks(fn, tmp_path: Path, world: int = 2) -> dict:
+    """Run `fn(rank, out)` in `world` spawned processes joined by a gloo group; returns what they put in `out`
+    (`fn` must be a module-level function so that it can be sent to the processes)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_gloo_rank, args=(world, str(tmp_path / "init"), fn, out), nprocs=world, join=True)
+        return dict(out)

@@ -8,15 +8,13 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bifit.engine import NonFiniteLossError, gather_nonfinite
 from pipeline import tracking
 from pipeline.config import load_pipeline_config
 from pipeline.faults import read_events, read_fatal
-from tests.reliability.conftest import write_params
+from tests.reliability.conftest import on_gloo_ranks, write_params
 from tests.reliability.toy_training import NonFiniteOnCall, ToyRun
 
 # an absurd learning rate: the first optimizer step leaves weights near 1e30, the next forward overflows
@@ -73,23 +71,16 @@ def test_skip_mode_skips_only_that_batch_and_counts_it(cfg):
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
-def _agree(rank: int, world: int, init_file: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        message = "epoch 0 step 7: non-finite loss term(s) loss_giou=nan on samples ['video v exp_id 1']" \
-            if rank == 1 else None
-        out[rank] = gather_nonfinite(message, torch.device("cpu"))
-        out[f"{rank}-finite"] = gather_nonfinite(None, torch.device("cpu"))
-    finally:
-        dist.destroy_process_group()
+def _agree(rank: int, out: dict) -> None:
+    message = "epoch 0 step 7: non-finite loss term(s) loss_giou=nan on samples ['video v exp_id 1']" \
+        if rank == 1 else None
+    out[rank] = gather_nonfinite(message, torch.device("cpu"))
+    out[f"{rank}-finite"] = gather_nonfinite(None, torch.device("cpu"))
 
 
 def test_every_rank_takes_the_same_decision(tmp_path):
     """Only rank 1 sees the NaN; rank 0 must stop (or skip) too, or DDP's gradient all-reduce would hang."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_agree, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
-        out = dict(out)
+    out = on_gloo_ranks(_agree, tmp_path)
     expected = ["rank 1: epoch 0 step 7: non-finite loss term(s) loss_giou=nan on samples ['video v exp_id 1']"]
     assert out[0] == out[1] == expected
     assert out["0-finite"] == out["1-finite"] == []

@@ -10,28 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from bifit.engine import sum_over_ranks
 from pipeline.config import load_pipeline_config
-from tests.reliability.conftest import write_params
+from tests.reliability.conftest import on_gloo_ranks, write_params
 
 
-def _sum(rank: int, world: int, init_file: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out[rank] = sum_over_ranks(10 * (rank + 1), torch.device("cpu"))
-    finally:
-        dist.destroy_process_group()
+def _sum(rank: int, out: dict) -> None:
+    out[rank] = sum_over_ranks(10 * (rank + 1), torch.device("cpu"))
 
 
 def test_every_rank_gets_the_sum_of_the_ranks_counts(tmp_path):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_sum, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
-        out = dict(out)
+    out = on_gloo_ranks(_sum, tmp_path)
     assert out == {0: 30, 1: 30}
     assert sum_over_ranks(7, torch.device("cpu")) == 7  # not distributed: the value itself
 
