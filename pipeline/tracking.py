@@ -14,7 +14,8 @@ The model. :func:`log_bifit_model` logs a checkpoint as an MLflow pyfunc model (
 - output: a DataFrame, one row per input row: ``score`` (double: the chosen query's mean referring score, the
   model's confidence that the expression is in the video; the mean over windows when the saved ``eval.num_frames``
   splits the video) and ``masks`` (list of strings: one base64-encoded PNG per frame, 0/255 "L" at the frame's own
-  size, the chosen query's mask thresholded at the saved ``eval.threshold``: what ``pipeline.evaluate`` writes).
+  size, the chosen query's mask thresholded at the saved ``eval.threshold``: what the Ref-YouTube-VOS evaluation,
+  ``bifit.eval.ytvos``, writes).
 
 Frames are resized to the saved ``data.eval_short_side`` and segmented in float32 on the GPU when torch sees one,
 else on the CPU. The checkpoint is read with ``torch.load(weights_only=True)`` (:func:`bifit.load_model`). The
