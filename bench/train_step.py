@@ -132,6 +132,9 @@ def config_from_sections(sections: dict):
         known = {f.name for f in dataclasses.fields(cls)}
         kept[name] = {k: v for k, v in values.items() if k in known}
         dropped += [f"{name}.{k}" for k in values if k not in known]
+    model_keys = {f.name for f in dataclasses.fields(type(Config().model))}
+    if "mask_dim" in model_keys and "model" in kept:  # older trees had to be told mask_dim == hidden_dim
+        kept["model"]["mask_dim"] = kept["model"].get("hidden_dim", Config().model.hidden_dim)
     return from_dict(Config, kept).validate(), dropped
 
 
