@@ -339,7 +339,7 @@ def worker_main(spec_path: str) -> None:
         from bifit.data.collate import VideoBatch
 
         cfg, dropped = config_from_sections(spec["config"])
-        batches = [VideoBatch(*b) for b in torch.load(spec["batches"], weights_only=False)]
+        batches = [VideoBatch(*b) for b in torch.load(spec["batches"], weights_only=True)]
         trainer = Trainer(cfg, torch.device("cpu"), spec["tokenizer_dir"], state_dict_path=spec["state_dict"])
         ev = trainer.eval_loss(batches[0])
         reply({"ready": True, "eval_total": ev["total"], "eval_terms": ev["terms"], "dropped_config_keys": dropped,
