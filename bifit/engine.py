@@ -116,16 +116,22 @@ def sample_ids(targets: list[dict]) -> list[str]:
     return ids
 
 
-def nonfinite_outputs(outputs, prefix: str = "") -> list[str]:
-    """Names of the model outputs holding NaN/inf (e.g. `pred_boxes`, `aux_outputs[0].pred_boxes`): checked before
-    the loss, whose matcher cannot work on non-finite boxes."""
+def float_outputs(outputs, prefix: str = ""):
+    """(name, tensor) of every floating-point tensor in the nested model outputs (e.g. `aux_outputs[0].pred_boxes`)."""
     if torch.is_tensor(outputs):
-        return [] if not outputs.is_floating_point() or torch.isfinite(outputs).all() else [prefix]
-    if isinstance(outputs, dict):
-        return [n for k, v in outputs.items() for n in nonfinite_outputs(v, f"{prefix}.{k}" if prefix else k)]
-    if isinstance(outputs, (list, tuple)):
-        return [n for i, v in enumerate(outputs) for n in nonfinite_outputs(v, f"{prefix}[{i}]")]
-    return []
+        if outputs.is_floating_point():
+            yield prefix, outputs
+    elif isinstance(outputs, dict):
+        for k, v in outputs.items():
+            yield from float_outputs(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(outputs, (list, tuple)):
+        for i, v in enumerate(outputs):
+            yield from float_outputs(v, f"{prefix}[{i}]")
+
+
+def nonfinite_outputs(outputs) -> list[str]:
+    """Names of the model outputs holding NaN/inf (one host sync per output: only for the message)."""
+    return [name for name, t in float_outputs(outputs) if not torch.isfinite(t).all()]
 
 
 def nonfinite_message(losses: dict[str, torch.Tensor], total: torch.Tensor | None, step: int, epoch: int,
@@ -173,22 +179,10 @@ def redrawn_in(batch) -> int:
 
 
 def all_finite(outputs) -> torch.Tensor:
-    """A 0-d bool tensor: every floating-point tensor in the (nested) model outputs is finite. Computed on the
-    device, so checking it costs no host sync of its own."""
-    tensors = []
-
-    def collect(x):
-        if torch.is_tensor(x) and x.is_floating_point():
-            tensors.append(torch.isfinite(x).all())
-        elif isinstance(x, dict):
-            for v in x.values():
-                collect(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                collect(v)
-
-    collect(outputs)
-    return torch.stack(tensors).all() if tensors else torch.tensor(True)
+    """A 0-d bool tensor: every floating-point model output is finite. Computed on the device, so checking it
+    costs no host sync of its own."""
+    flags = [torch.isfinite(t).all() for _, t in float_outputs(outputs)]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch: int, clip_max_norm: float = 0.1,
