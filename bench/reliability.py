@@ -185,8 +185,9 @@ def run_bad_inputs(tmp: Path, data: Path) -> list[dict]:
     import yaml
 
     from bifit.checkpoint import load_checkpoint, load_official, to_official_state_dict
-    from bifit.data import SYNTHETIC_CATEGORIES, YTVOSDataset
+    from bifit.data import YTVOSDataset
     from bifit.data.ytvos import read_skip_log
+    from bifit.synthetic import SYNTHETIC_CATEGORIES
     from pipeline.config import load_pipeline_config
     from pipeline.preflight import check_local_resources, check_training_data
     from tests.conftest import tiny_model
@@ -255,7 +256,7 @@ def _archive_and_h5_rows(tmp: Path) -> list[dict]:
     """Cases of the other helpers' modules (archive extraction, A2D .h5), when those modules exist."""
     rows = []
     try:
-        from bifit.data.archive import ExtractLimits, extract
+        from bifit.prepare.archive import ExtractLimits, extract
     except ImportError:
         extract = None
     if extract is not None:
@@ -290,7 +291,7 @@ def _archive_and_h5_rows(tmp: Path) -> list[dict]:
         import h5py
         import numpy as np
 
-        from bifit.data.a2d_preprocess import read_h5
+        from bifit.prepare.a2d import read_h5
     except ImportError:
         read_h5 = None
     if read_h5 is not None:

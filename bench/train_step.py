@@ -11,7 +11,7 @@ Setups
   default  the embedded default: the model/matcher/loss/data/train sections of params.yaml (read with
            bifit.config.load_config from a copy holding only those sections; no pipeline module is imported), a
            tiny random RoBERTa of the text_encoder_assets size (frozen as in params.yaml), and real batches: a
-           small synthetic benchmark (bifit.data.synthetic, params.yaml's frame size) generated into a temporary
+           small synthetic benchmark (bifit.synthetic, params.yaml's frame size) generated into a temporary
            folder and read with the train stage's dataset, transforms, sampler, collate and DataLoader settings,
            1 clip x data.expressions_per_clip expressions of data.num_frames frames. The loader's time per batch
            is reported separately (`data_ms`); the steps run on the prefetched batches.
@@ -457,12 +457,13 @@ def make_assets(folder: Path, raw: dict) -> tuple[Path, Path, dict]:
     """A small synthetic benchmark (params.yaml's generator settings, fewer videos) and a random tiny RoBERTa of the
     text_encoder_assets size with its tokenizer (no pretraining: timing only)."""
     from bifit.config import from_dict
-    from bifit.data.synthetic import SyntheticConfig, generate_benchmark
-    from bifit.data.text_encoder_assets import (
+    from bifit.synthetic.config import SyntheticConfig
+    from bifit.synthetic.text_encoder import (
         TinyTextEncoderConfig,
         expression_corpus,
         write_text_encoder_assets,
     )
+    from bifit.synthetic.ytvos import generate_benchmark
 
     syn = {**(raw.get("synthetic") or {}), **SYNTHETIC_VIDEOS}
     root = folder / "ref-youtube-vos"
@@ -480,8 +481,9 @@ def default_batches(cfg, root: Path, n: int, pin_memory: bool):
     """n batches from the train stage's dataset/transforms/sampler/collate/DataLoader; ms per batch."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from bifit.data import SYNTHETIC_CATEGORIES, ResizeConfig, YTVOSDataset, collate_fn, make_train_transforms
+    from bifit.data import ResizeConfig, YTVOSDataset, collate_fn, make_train_transforms
     from bifit.engine import seed_epoch
+    from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     d = cfg.data
     resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
@@ -528,7 +530,8 @@ def paper_batches(root: Path, size: tuple[int, int], n: int, frames: int):
 
     import torch.nn.functional as F
 
-    from bifit.data import SYNTHETIC_CATEGORIES, YTVOSDataset, collate_fn
+    from bifit.data import YTVOSDataset, collate_fn
+    from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     random.seed(0)
     dataset = YTVOSDataset(root, "train", frames, categories=SYNTHETIC_CATEGORIES)

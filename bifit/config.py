@@ -4,7 +4,7 @@ Every section of params.yaml maps to one dataclass below. Loading rejects unknow
 types and out-of-range values with a message naming the file, the key and what was expected.
 
 Validation is written one way for every configuration dataclass of the project (these, pipeline/config.py and the
-generators' settings in bifit/data): a `validate(self, where)` method stating each rule with `check(cond, key,
+generators' settings in bifit/synthetic): a `validate(self, where)` method stating each rule with `check(cond, key,
 expected, value)`, `where` being the key prefix ("model", "datasets.davis", or the class name for settings built in
 code). `load_config` validates the loaded sections (after overlays and overrides); frozen settings objects call
 `self.validate()` from `__post_init__`, so one that exists is valid.

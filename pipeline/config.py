@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Literal
 
 from bifit.config import Config, check, load_config, to_dict
-from bifit.data.synthetic import SyntheticConfig
-from bifit.data.synthetic_a2d import SyntheticA2DConfig
-from bifit.data.synthetic_davis import SyntheticDavisConfig
-from bifit.data.synthetic_jhmdb import SyntheticJHMDBConfig
-from bifit.data.text_encoder_assets import TinyTextEncoderConfig
+from bifit.synthetic.a2d import SyntheticA2DConfig
+from bifit.synthetic.config import SyntheticConfig
+from bifit.synthetic.davis import SyntheticDavisConfig
+from bifit.synthetic.jhmdb import SyntheticJHMDBConfig
+from bifit.synthetic.text_encoder import TinyTextEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # the user's MLFLOW_TRACKING_URI, read at import: mlflow.set_tracking_uri() writes that variable itself, so reading

@@ -5,8 +5,8 @@
 `datasets.<name>.source: synthetic` writes the tiny generated copy in the official on-disk format to the dataset
 root (Ref-YouTube-VOS: the `generate` stage already did; Ref-DAVIS17: the three official zips, then extracted like
 real downloads; A2D/JHMDB: the .h5/.mat/.mp4/.png files and the MTTR JSONs). `source: real` prints exactly which
-files to place where (bifit/data/sources.py), fetches the publicly fetchable ones with `--fetch` (resuming
-partial downloads), extracts the archives that are present, in the listed order (bifit/data/archive.py: refuses
+files to place where (bifit/prepare/sources.py), fetches the publicly fetchable ones with `--fetch` (resuming
+partial downloads), extracts the archives that are present, in the listed order (bifit/prepare/archive.py: refuses
 absolute paths, `..`, links leaving the root, size bombs, and never overwrites a different file, except a
 documentation file such as `DAVIS/README.md` that an earlier official archive extracted: the later archive's copy
 wins, as with the official `unzip` instructions, with a warning) and verifies the layout (expected files, exact
@@ -29,9 +29,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from bifit.data.archive import ArchiveError, extract
-from bifit.data.manifest import ManifestError, checksums, read_pins, verify, with_pins
-from bifit.data.sources import (
+from bifit.prepare.archive import ArchiveError, extract
+from bifit.prepare.manifest import ManifestError, checksums, read_pins, verify, with_pins
+from bifit.prepare.sources import (
     SOURCES,
     TITLES,
     FetchError,
@@ -65,7 +65,7 @@ def write_synthetic(cfg: PipelineConfig, name: str, root: Path, progress: bool =
     """Generate the synthetic copy of ``name`` at ``root`` (idempotent) and extract its archives."""
     syn = synthetic_config(cfg, name)
     if name == "ytvos":
-        from bifit.data.synthetic import read_manifest
+        from bifit.synthetic.ytvos import read_manifest
 
         manifest = read_manifest(root)
         if manifest is None:
@@ -73,7 +73,7 @@ def write_synthetic(cfg: PipelineConfig, name: str, root: Path, progress: bool =
                                     "(python -m pipeline.generate), which runs before this one")
         return {"generated": False, **manifest["summary"]}
     if name == "davis":
-        from bifit.data.synthetic_davis import archive_names, generate_ref_davis
+        from bifit.synthetic.davis import archive_names, generate_ref_davis
 
         summary = generate_ref_davis(syn, root, progress=progress)
         if summary["generated"]:
@@ -85,10 +85,10 @@ def write_synthetic(cfg: PipelineConfig, name: str, root: Path, progress: bool =
                 replaced[archive.name] = report.replaced
         return {**summary, "replaced": replaced}
     if name == "a2d":
-        from bifit.data.synthetic_a2d import generate_a2d
+        from bifit.synthetic.a2d import generate_a2d
 
         return generate_a2d(syn, root, progress=progress)
-    from bifit.data.synthetic_jhmdb import generate_jhmdb
+    from bifit.synthetic.jhmdb import generate_jhmdb
 
     return generate_jhmdb(syn, root, progress=progress)
 

@@ -161,7 +161,7 @@ A2D_LIKE_INDEX = {"a2d": "index_test.json", "jhmdb": "index.json"}  # the evalua
 def count_size_mismatches(root: Path, name: str) -> int:
     """Evaluated samples whose mask size differs from their frames (sizes recorded by the preprocess stage)."""
     from bifit.data.a2d import read_index
-    from bifit.data.a2d_preprocess import size_mismatches
+    from bifit.prepare.a2d import size_mismatches
 
     ids = size_mismatches(read_index(root / A2D_LIKE_INDEX[name])["samples"])
     if ids:

@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 
-from bifit.data import expression_corpus, generate_benchmark, write_text_encoder_assets
+from bifit.synthetic import expression_corpus, generate_benchmark, write_text_encoder_assets
 from pipeline.config import load_pipeline_config, resolve
 
 log = logging.getLogger("pipeline.generate")

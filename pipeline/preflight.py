@@ -29,7 +29,8 @@ def check_local_resources(cfg: PipelineConfig, local_ray: bool) -> None:
 def check_training_data(cfg: PipelineConfig, skip_log: Path | None = None) -> int:
     """List the training samples as the workers will (raises SampleError/ValueError naming the file, or records
     the skips with data.skip_bad_samples) and check that they fill at least one step. Returns the sample count."""
-    from bifit.data import SYNTHETIC_CATEGORIES, YTVOSDataset
+    from bifit.data import YTVOSDataset
+    from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     d = cfg.data  # the train stage reads Ref-YouTube-VOS-format data at data.root
     categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None

@@ -8,9 +8,9 @@ Writes `<datasets.prepared>/<name>/` (replaced atomically):
 - ytvos: `index.json` (train/valid/test video counts, the valid list = valid meta minus test meta, checked to be
   the 202 competition videos for the real data) and `proxy_videos.txt`, the fixed held-out list of the local
   proxy evaluation (bifit/eval/ytvos_proxy.py);
-- davis: the Ref-YouTube-VOS-style layout of bifit/data/davis_convert.py (non-destructive: hard links);
-- a2d: bifit.data.a2d_preprocess.preprocess (instance masks, COCO GT for mAP, indices, from the .h5 files);
-- jhmdb: bifit.data.jhmdb_preprocess.preprocess (puppet-mask GT, COCO GT, index, from the .mat files).
+- davis: the Ref-YouTube-VOS-style layout of bifit/prepare/davis.py (non-destructive: hard links);
+- a2d: bifit.prepare.a2d.preprocess (instance masks, COCO GT for mAP, indices, from the .h5 files);
+- jhmdb: bifit.prepare.jhmdb.preprocess (puppet-mask GT, COCO GT, index, from the .mat files).
 
 Bad samples raise with the file and id, or with `data.skip_bad_samples` are left out and listed in the output's
 `skipped_samples.json`.
@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from bifit.data.fsutil import replace_dir
+from bifit.fsutil import replace_dir
 from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config, resolve
 from pipeline.download import dataset_root
 
@@ -69,14 +69,14 @@ def preprocess(cfg: PipelineConfig, name: str, progress: bool = True) -> dict:
     if name == "ytvos":
         return prepare_ytvos(cfg, raw, out)
     if name == "davis":
-        from bifit.data.davis_convert import convert_ref_davis
+        from bifit.prepare.davis import convert_ref_davis
 
         return convert_ref_davis(raw, out, progress=progress)
     if name == "a2d":
-        from bifit.data.a2d_preprocess import preprocess as prepare_a2d
+        from bifit.prepare.a2d import preprocess as prepare_a2d
 
         return prepare_a2d(raw, out, skip_bad_samples=skip, progress=progress)
-    from bifit.data.jhmdb_preprocess import preprocess as prepare_jhmdb
+    from bifit.prepare.jhmdb import preprocess as prepare_jhmdb
 
     return prepare_jhmdb(raw, out, skip_bad_samples=skip, progress=progress)
 

@@ -87,7 +87,8 @@ def _build(cfg: PipelineConfig):
 
 
 def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
-    from bifit.data import SYNTHETIC_CATEGORIES, ResizeConfig, YTVOSDataset, make_train_transforms
+    from bifit.data import ResizeConfig, YTVOSDataset, make_train_transforms
+    from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     d = cfg.data
     resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,

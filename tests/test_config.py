@@ -63,7 +63,7 @@ def test_not_a_mapping(tmp_path):
 
 
 def test_frozen_settings_are_validated_when_built_and_named_by_their_params_key(tmp_path):
-    from bifit.data.synthetic import SyntheticConfig
+    from bifit.synthetic.config import SyntheticConfig
     from pipeline.config import PipelineConfig
 
     with pytest.raises(ConfigError, match=r"^SyntheticConfig\.height: expected a multiple of 32 in \[96, 2048\], "
@@ -84,8 +84,8 @@ def test_every_configuration_dataclass_has_a_validate_method():
     import dataclasses
     import typing
 
-    from bifit.data.text_pretraining import TextPretrainingConfig
     from bifit.data.transforms import ResizeConfig
+    from bifit.synthetic.text_pretraining import TextPretrainingConfig
     from pipeline.config import PathsConfig, PipelineConfig
 
     def walk(cls):

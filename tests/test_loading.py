@@ -10,9 +10,9 @@ import torch
 from bifit import load_model
 from bifit.checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint, to_official_state_dict
 from bifit.config import Config, ConfigError, to_dict
-from bifit.data import text_encoder_assets as tea
 from bifit.loading import model_config_from_official_args
 from bifit.models import build_model
+from bifit.synthetic import text_encoder as tea
 from tests.conftest import REPO, tiny_batch
 
 CORPUS = ["the small blue square left of the circle", "the red triangle moving up", "a green diamond"]

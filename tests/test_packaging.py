@@ -70,9 +70,9 @@ def test_ray_floor_has_tune_run_config_and_train_v2_by_default():
 
 
 def test_transformers_floor_builds_roberta_tokenizers_from_vocab_and_merges():
-    # bifit/data/text_encoder_assets.py: RobertaTokenizerFast(vocab=dict, merges=list) adding <s> ... </s>;
+    # bifit/synthetic/text_encoder.py: RobertaTokenizerFast(vocab=dict, merges=list) adding <s> ... </s>;
     # transformers 4.x wants vocab files, 5.0-5.16 give a class that adds no special tokens
-    assert "RobertaTokenizerFast(vocab=" in _source("bifit", "data", "text_encoder_assets.py")
+    assert "RobertaTokenizerFast(vocab=" in _source("bifit", "synthetic", "text_encoder.py")
     transformers = _requirement("transformers")
     assert "4.57.6" not in transformers and "5.16.1" not in transformers and "5.17.0" in transformers
 

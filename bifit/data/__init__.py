@@ -1,14 +1,8 @@
-"""Data layer: the Ref-YouTube-VOS loader, clip transforms, batching, the embedded synthetic benchmark and the
-offline tiny text encoder (see DATASETS_AND_EVAL.md sections 1, 2 and 9)."""
+"""Loaders of the four benchmarks as their official releases lay them out on disk, with the clip transforms,
+batching and samplers the training and evaluation share. Preparing raw downloads lives in `bifit.prepare`, the
+embedded synthetic benchmark in `bifit.synthetic`."""
 
 from bifit.data.collate import VideoBatch, collate_fn, normalize_text, pad_clips, tokenize
-from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
-from bifit.data.text_encoder_assets import (
-    TinyTextEncoderConfig,
-    expression_corpus,
-    train_tokenizer,
-    write_text_encoder_assets,
-)
 from bifit.data.transforms import (
     PAPER_EVAL_SHORT_SIDE,
     PAPER_RESIZE,
@@ -34,20 +28,15 @@ from bifit.data.ytvos import (
 __all__ = [
     "PAPER_EVAL_SHORT_SIDE",
     "PAPER_RESIZE",
-    "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_EVAL_SHORT_SIDE",
     "SYNTHETIC_RESIZE",
     "YTVOS_CATEGORIES",
     "Expression",
     "ResizeConfig",
     "SampleError",
-    "SyntheticConfig",
-    "TinyTextEncoderConfig",
     "VideoBatch",
     "YTVOSDataset",
     "collate_fn",
-    "expression_corpus",
-    "generate_benchmark",
     "inference_expressions",
     "inference_videos",
     "load_gt_masks",
@@ -59,6 +48,4 @@ __all__ = [
     "pad_clips",
     "sample_clip_indices",
     "tokenize",
-    "train_tokenizer",
-    "write_text_encoder_assets",
 ]

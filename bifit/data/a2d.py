@@ -1,5 +1,5 @@
 """A2D-Sentences loader (DATASETS_AND_EVAL.md sections 1.3, 1.7, 4.4 and 4.5) over the index written by
-:mod:`bifit.data.a2d_preprocess`.
+:mod:`bifit.prepare.a2d`.
 
 One sample per entry of the single-frame JSON: a T-frame clip of ``Release/clips320H/<video>.mp4`` (decoded with
 PyAV in presentation order, as torchvision's ``read_video`` returns it: :func:`read_video`) around the annotated
@@ -16,7 +16,7 @@ frame f = frame_idx - 1, and the target of that one frame (section 1.3): ``label
 
 A mask whose size differs from the frames is resized to them with nearest neighbour, as the reference's
 transforms do, and warned about (the preprocess stage records both sizes;
-:func:`bifit.data.a2d_preprocess.size_mismatches` counts them).
+:func:`bifit.prepare.a2d.size_mismatches` counts them).
 A frame that fails to decode is warned about and stands in as a copy of its neighbour (a context frame only).
 
 Bad data (a missing, corrupt or truncated video, an annotated frame beyond the decoded frames or undecodable, a
@@ -43,10 +43,10 @@ import torch.nn.functional as nnf
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bifit.data.a2d_preprocess import read_mask_png
 from bifit.data.collate import VideoBatch, collate_fn, normalize_text
 from bifit.data.transforms import Compose, Normalize
 from bifit.data.ytvos import REDRAWN_KEY, RedrawCounter, SampleError, bounding_box, sample_clip_indices
+from bifit.prepare.a2d import read_mask_png
 
 log = logging.getLogger(__name__)
 

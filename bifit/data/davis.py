@@ -1,4 +1,4 @@
-"""Ref-DAVIS17 loader over the converted layout of :mod:`bifit.data.davis_convert` (DATASETS_AND_EVAL.md 3.3-3.6).
+"""Ref-DAVIS17 loader over the converted layout of :mod:`bifit.prepare.davis` (DATASETS_AND_EVAL.md 3.3-3.6).
 
 Evaluation (what BIFIT does with Ref-DAVIS17: the Ref-YouTube-VOS model, zero-shot, on the 30 val sequences):
 :func:`ref_davis_videos` lists the val sequences in ``ImageSets/2017/val.txt`` order from ``index.json`` (no folder
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bifit.data.davis_convert import INDEX_NAME, NUM_ANNOTATORS
 from bifit.data.ytvos import YTVOSDataset, load_id_map, load_video, read_videos
+from bifit.prepare.davis import INDEX_NAME, NUM_ANNOTATORS
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """JHMDB-Sentences loader (DATASETS_AND_EVAL.md sections 1.3 and 5.4) over the index written by
-:mod:`bifit.data.jhmdb_preprocess`. Evaluation only (BIFIT evaluates the A2D model zero-shot).
+:mod:`bifit.prepare.jhmdb`. Evaluation only (BIFIT evaluates the A2D model zero-shot).
 
 One sample per entry of the released metadata: the frames c - T//2 .. c + (T+1)//2 - 1 clamped into
 [1, video_total_frames] and sorted, read as ``<frame_dir>/<i:05d>.png`` (RGB), and the target of frame c:

@@ -45,9 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bifit.data.a2d import A2DDataset, CentredClipDataset, collate_skipping
-from bifit.data.a2d_preprocess import COCO_GT_JSON as A2D_COCO_GT_JSON
 from bifit.data.jhmdb import JHMDBDataset
-from bifit.data.jhmdb_preprocess import COCO_GT_JSON as JHMDB_COCO_GT_JSON
 from bifit.data.transforms import make_eval_transforms
 from bifit.engine import batch_inputs
 from bifit.eval.a2d import (
@@ -61,6 +59,8 @@ from bifit.eval.a2d import (
 )
 from bifit.inference import float32_outputs, inference_autocast, inference_settings, model_device, to_device
 from bifit.models.postprocess import a2d_masks
+from bifit.prepare.a2d import COCO_GT_JSON as A2D_COCO_GT_JSON
+from bifit.prepare.jhmdb import COCO_GT_JSON as JHMDB_COCO_GT_JSON
 
 log = logging.getLogger(__name__)
 

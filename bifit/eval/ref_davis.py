@@ -37,8 +37,6 @@ from tqdm import tqdm
 
 from bifit.data.collate import tokenize
 from bifit.data.davis import load_frames, load_gt_labels, ref_davis_videos
-from bifit.data.davis_convert import NUM_ANNOTATORS
-from bifit.data.synthetic import PALETTE
 from bifit.data.ytvos import SampleError
 from bifit.eval.davis import (
     GLOBAL_MEASURES,
@@ -48,6 +46,8 @@ from bifit.eval.davis import (
 )
 from bifit.inference import float32_outputs, inference_autocast, model_device, to_device
 from bifit.models.postprocess import video_masks
+from bifit.prepare.davis import NUM_ANNOTATORS
+from bifit.synthetic.ytvos import PALETTE
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from bifit.data import synthetic_a2d as syn
 from bifit.data.a2d import (
     A2DDataset,
     SkippedSample,
@@ -21,7 +20,9 @@ from bifit.data.a2d import (
     read_video,
     read_video_frames,
 )
-from bifit.data.a2d_preprocess import (
+from bifit.data.transforms import MEAN, STD, SYNTHETIC_RESIZE, Compose, Normalize, make_train_transforms
+from bifit.data.ytvos import SampleError, bounding_box
+from bifit.prepare.a2d import (
     COCO_GT_JSON,
     H5_DIR,
     TEST_JSON,
@@ -32,9 +33,8 @@ from bifit.data.a2d_preprocess import (
     regenerate_single_frame,
     size_mismatches,
 )
-from bifit.data.synthetic import make_video
-from bifit.data.transforms import MEAN, STD, SYNTHETIC_RESIZE, Compose, Normalize, make_train_transforms
-from bifit.data.ytvos import SampleError, bounding_box
+from bifit.synthetic import a2d as syn
+from bifit.synthetic.video import make_video
 
 TINY = syn.SyntheticA2DConfig(seed=5, num_train_videos=2, num_test_videos=2, frames_per_video=8, annotated_frames=2)
 
@@ -391,7 +391,7 @@ def test_mask_and_frames_of_different_sizes_are_resized_together_counted_and_war
     video_path = raw_copy / "Release" / "clips320H" / f"{video}.mp4"
     frames = np.stack(read_video_frames(video_path, "x"))
     syn.write_mp4(video_path, frames.repeat(2, axis=1).repeat(2, axis=2), TINY.fps)  # frames twice the mask size
-    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d_preprocess"):
+    with caplog.at_level(logging.WARNING, logger="bifit.prepare.a2d"):
         summary = preprocess(raw_copy, tmp_path / "out", progress=False)
     ds = A2DDataset(tmp_path / "out", "test", num_frames=3)
     affected = [k for k, s in enumerate(ds.samples) if s["video"] == video]

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from bifit.data import text_encoder_assets as tea
 from bifit.data.collate import collate_fn, normalize_text, pad_clips, padded_size, tokenize
+from bifit.synthetic import text_encoder as tea
 
 CORPUS = [
     "the small blue square left of the circle",
@@ -85,7 +85,7 @@ def test_text_encoder_loads_like_roberta_base(assets):
     with torch.no_grad():
         out = model.eval()(input_ids=ids, attention_mask=attn)
     assert out.last_hidden_state.shape == (4, ids.shape[1], 32) and out.pooler_output.shape == (4, 32)
-    from bifit.data.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
+    from bifit.synthetic.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 
     encoder = tea.build_text_encoder(TINY_TEXT, len(tok))
     initial = {k: v.clone() for k, v in encoder.state_dict().items()}
@@ -133,7 +133,8 @@ def test_text_config_validation(field, value, expected):
 def test_assets_from_benchmark_corpus_are_deterministic(tmp_path):
     from transformers import AutoTokenizer
 
-    from bifit.data.synthetic import SyntheticConfig, generate_benchmark
+    from bifit.synthetic.config import SyntheticConfig
+    from bifit.synthetic.ytvos import generate_benchmark
 
     cfg = SyntheticConfig(num_train_videos=2, num_valid_videos=1, num_test_videos=0, frames_per_video=4,
                           height=96, width=160)

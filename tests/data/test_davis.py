@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifit.data.archive import extract
 from bifit.data.davis import (
     RefDavisDataset,
     davis_anchor,
@@ -19,14 +18,15 @@ from bifit.data.davis import (
     load_gt_labels,
     ref_davis_videos,
 )
-from bifit.data.davis_convert import (
+from bifit.prepare.archive import extract
+from bifit.prepare.davis import (
     ConversionError,
     convert_ref_davis,
     parse_annotation_line,
     read_annotation_file,
     video_expressions,
 )
-from bifit.data.synthetic_davis import (
+from bifit.synthetic.davis import (
     MISSPELLED,
     SEMANTICS_ZIP,
     TEXT_ZIP,

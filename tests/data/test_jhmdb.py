@@ -11,12 +11,12 @@ import scipy.io
 import torch
 from PIL import Image
 
-from bifit.data import synthetic_jhmdb as syn
 from bifit.data.a2d import SkippedSample, centred_window
 from bifit.data.jhmdb import JHMDBDataset
-from bifit.data.jhmdb_preprocess import COCO_GT_JSON, METADATA_JSON, preprocess, resolve
 from bifit.data.transforms import MEAN, STD
 from bifit.data.ytvos import SampleError, bounding_box
+from bifit.prepare.jhmdb import COCO_GT_JSON, METADATA_JSON, preprocess, resolve
+from bifit.synthetic import jhmdb as syn
 
 TINY = syn.SyntheticJHMDBConfig(seed=4, num_videos=2, frames_per_video=8)
 
@@ -162,7 +162,7 @@ def test_mask_and_frames_of_different_sizes_are_resized_together_counted_and_war
         with Image.open(png) as img:
             big = img.resize((2 * img.width, 2 * img.height), Image.NEAREST)
         big.save(png)
-    with caplog.at_level(logging.WARNING, logger="bifit.data.a2d_preprocess"):
+    with caplog.at_level(logging.WARNING, logger="bifit.prepare.a2d"):
         summary = preprocess(raw_copy, tmp_path / "out", progress=False)
     assert summary["test_size_mismatches"] == 3 and summary["skipped"] == 0  # the video's 3 samples
     sizes = f"mask is {TINY.width}x{TINY.height} (WxH) but the frames are {2 * TINY.width}x{2 * TINY.height}"

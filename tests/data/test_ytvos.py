@@ -12,9 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bifit.data import synthetic as syn
 from bifit.data.collate import collate_fn
-from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
 from bifit.data.transforms import MEAN, STD, box_cxcywh_to_xyxy
 from bifit.data.ytvos import (
     SampleError,
@@ -26,6 +24,9 @@ from bifit.data.ytvos import (
     load_video,
     sample_clip_indices,
 )
+from bifit.synthetic.config import SYNTHETIC_CATEGORIES, SyntheticConfig
+from bifit.synthetic.render import shape_mask
+from bifit.synthetic.ytvos import generate_benchmark, load_scenes
 
 TINY = SyntheticConfig(seed=11, num_train_videos=3, num_valid_videos=2, num_test_videos=1, frames_per_video=6,
                        height=96, width=160)
@@ -67,7 +68,7 @@ def test_sample_listing_is_one_per_expression_and_anchor(bench):
 def test_round_trip_masks_boxes_labels(bench):
     ds = dataset(bench)
     train_meta = meta(bench, "train/meta.json")
-    scenes = syn.load_scenes(bench)["train"]
+    scenes = load_scenes(bench)["train"]
     for idx in range(0, len(ds), 5):
         imgs, t = ds[idx]
         s = ds.samples[idx]
@@ -84,7 +85,7 @@ def test_round_trip_masks_boxes_labels(bench):
             png = np.array(Image.open(bench / "train" / "Annotations" / s.video / f"{frame}.png"))
             expected = png == int(s.obj_id)
             assert torch.equal(t["masks"][k], torch.from_numpy(expected))
-            shape = syn.shape_mask(obj["shape"], *obj["centres"][pos], obj["radius"], 96, 160)
+            shape = shape_mask(obj["shape"], *obj["centres"][pos], obj["radius"], 96, 160)
             assert np.all(expected <= shape)  # the mask is the rendered object (minus occlusion)
             assert t["valid"][k] == int(expected.any())
             box = bounding_box(expected) if expected.any() else (0, 0, 0, 0)

@@ -46,9 +46,9 @@ class BackgroundModel(torch.nn.Module):
 
 def prepared_ref_davis(folder, num_val_videos: int, frames_per_video: int):
     """A synthetic Ref-DAVIS17 download (the three official zips) extracted and converted: (raw, prepared)."""
-    from bifit.data.archive import extract
-    from bifit.data.davis_convert import convert_ref_davis
-    from bifit.data.synthetic_davis import SyntheticDavisConfig, archive_names, generate_ref_davis
+    from bifit.prepare.archive import extract
+    from bifit.prepare.davis import convert_ref_davis
+    from bifit.synthetic.davis import SyntheticDavisConfig, archive_names, generate_ref_davis
 
     raw = folder / "ref-davis"
     generate_ref_davis(SyntheticDavisConfig(seed=2, num_train_videos=1, num_val_videos=num_val_videos,

@@ -10,11 +10,7 @@ import torch
 from torch import nn
 
 from bifit.config import Config
-from bifit.data import synthetic_a2d, synthetic_jhmdb
 from bifit.data.a2d import read_video_frames
-from bifit.data.a2d_preprocess import COCO_GT_JSON, TEST_JSON
-from bifit.data.a2d_preprocess import preprocess as preprocess_a2d
-from bifit.data.jhmdb_preprocess import preprocess as preprocess_jhmdb
 from bifit.eval import a2d as a2d_metrics
 from bifit.eval.a2d_engine import (
     PROTOCOLS,
@@ -25,6 +21,11 @@ from bifit.eval.a2d_engine import (
     load_coco_gt,
     score,
 )
+from bifit.prepare.a2d import COCO_GT_JSON, TEST_JSON
+from bifit.prepare.a2d import preprocess as preprocess_a2d
+from bifit.prepare.jhmdb import preprocess as preprocess_jhmdb
+from bifit.synthetic import a2d as synthetic_a2d
+from bifit.synthetic import jhmdb as synthetic_jhmdb
 from tests.conftest import tiny_model
 
 A2D = synthetic_a2d.SyntheticA2DConfig(seed=3, num_train_videos=1, num_test_videos=2, frames_per_video=8,

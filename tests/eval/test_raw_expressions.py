@@ -11,8 +11,9 @@ import pytest
 
 from bifit.data.collate import tokenize
 from bifit.data.davis import RefDavisDataset, ref_davis_videos
-from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
 from bifit.data.ytvos import SampleError, YTVOSDataset, inference_expressions, inference_videos
+from bifit.synthetic.config import SYNTHETIC_CATEGORIES, SyntheticConfig
+from bifit.synthetic.ytvos import generate_benchmark
 from tests.eval.fakes import BackgroundModel, WordTokenizer, prepared_ref_davis
 
 RAW = "The  Red  Square"  # capitals and repeated spaces: normalising would change its tokens

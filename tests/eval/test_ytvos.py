@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifit.data.synthetic import SyntheticConfig, generate_benchmark
 from bifit.data.ytvos import Expression, inference_expressions, inference_videos, load_gt_masks
 from bifit.eval.ytvos import evaluate_valid, predict_valid, score_expression, shuffled_captions
+from bifit.synthetic.config import SyntheticConfig
+from bifit.synthetic.ytvos import generate_benchmark
 from tests.conftest import tiny_model
 from tests.eval.fakes import WordTokenizer
 

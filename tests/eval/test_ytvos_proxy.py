@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifit.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_benchmark
 from bifit.data.ytvos import YTVOSDataset, load_gt_masks
 from bifit.eval.ytvos import score_expression
 from bifit.eval.ytvos_proxy import (
@@ -19,6 +18,8 @@ from bifit.eval.ytvos_proxy import (
     select_proxy_videos,
     write_video_list,
 )
+from bifit.synthetic.config import SYNTHETIC_CATEGORIES, SyntheticConfig
+from bifit.synthetic.ytvos import generate_benchmark
 from tests.conftest import tiny_model
 from tests.eval.fakes import WordTokenizer
 

@@ -80,7 +80,7 @@ def test_download_verifies_and_is_idempotent(stages):
 
 
 def test_real_source_prints_instructions_extracts_and_reports_every_problem(stages, tmp_path, capsys):
-    from bifit.data.manifest import ManifestError
+    from bifit.prepare.manifest import ManifestError
     from pipeline import download
     from pipeline.config import load_pipeline_config
 
@@ -125,8 +125,8 @@ def _ytvos_zip(path, videos: dict[str, int]):
 
 
 def test_real_ytvos_download_as_the_official_archives_ship_it(tmp_path):
-    from bifit.data.manifest import ManifestError
-    from bifit.data.sources import YTVOS_PAGE
+    from bifit.prepare.manifest import ManifestError
+    from bifit.prepare.sources import YTVOS_PAGE
     from pipeline import download
     from pipeline.config import load_pipeline_config
 

@@ -70,8 +70,8 @@ def toy_checkpoint(tmp_path_factory):
     """One of our checkpoints of a toy model (random weights) with its generated text encoder."""
     from bifit.checkpoint import save_checkpoint
     from bifit.config import ModelConfig, to_dict
-    from bifit.data import TinyTextEncoderConfig, write_text_encoder_assets
     from bifit.models import build_model
+    from bifit.synthetic import TinyTextEncoderConfig, write_text_encoder_assets
 
     tmp = tmp_path_factory.mktemp("toy_model")
     te = write_text_encoder_assets(tmp / "te", ["the red circle moving to the right", "a small blue square"] * 4,

@@ -19,8 +19,9 @@ import yaml
 
 from bifit.checkpoint import CheckpointError, load_checkpoint, load_official, to_official_state_dict
 from bifit.config import ConfigError
-from bifit.data import SYNTHETIC_CATEGORIES, SampleError, YTVOSDataset
+from bifit.data import SampleError, YTVOSDataset
 from bifit.data.ytvos import read_skip_log
+from bifit.synthetic import SYNTHETIC_CATEGORIES
 from tests.conftest import REPO, tiny_model
 from tests.reliability.bad_inputs import (
     ACCEPTED_DATASETS,

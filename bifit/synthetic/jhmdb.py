@@ -1,6 +1,6 @@
 """A tiny synthetic JHMDB-Sentences in the official on-disk format (DATASETS_AND_EVAL.md section 5).
 
-Each video is a moving-shapes scene of :mod:`bifit.data.synthetic`; one of its objects plays the JHMDB actor: its
+Each video is a moving-shapes scene of :mod:`bifit.synthetic`; one of its objects plays the JHMDB actor: its
 visible mask is the puppet mask and one referring expression of it is the video's sentence. Written files::
 
     <root>/Rename_Images/<action>/<video_id>/00001.png ...      1-based, 5-digit PNG frames
@@ -29,17 +29,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from bifit.config import check, int_in
-from bifit.data.a2d_preprocess import coco_gt_dataset
-from bifit.data.jhmdb_preprocess import (
-    ANNOTATION_TXT,
-    COCO_GT_JSON,
-    FRAME_DIR,
-    MASK_DIR,
-    METADATA_JSON,
-    PATH_PREFIX,
-)
-from bifit.data.synthetic import SyntheticConfig, make_video
-from bifit.data.synthetic_a2d import dump_json, instance_masks, write_dataset, youtube_like_id
+from bifit.prepare.a2d import coco_gt_dataset
+from bifit.prepare.jhmdb import ANNOTATION_TXT, COCO_GT_JSON, FRAME_DIR, MASK_DIR, METADATA_JSON, PATH_PREFIX
+from bifit.synthetic.a2d import dump_json, instance_masks, write_dataset, youtube_like_id
+from bifit.synthetic.config import SyntheticConfig
+from bifit.synthetic.video import make_video
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "SYNTHETIC_JHMDB.json"
@@ -111,5 +105,5 @@ def _write_jhmdb(cfg: SyntheticJHMDBConfig, root: Path, progress: bool) -> dict:
 def generate_jhmdb(cfg: SyntheticJHMDBConfig, root, progress: bool = True, overwrite: bool = False) -> dict:
     """Write the synthetic JHMDB-Sentences to ``root`` (idempotent, atomic)."""
     config = json.loads(json.dumps(asdict(cfg)))
-    return write_dataset(Path(root), MANIFEST_NAME, "bifit.data.synthetic_jhmdb", GENERATOR_VERSION, config,
+    return write_dataset(Path(root), MANIFEST_NAME, "bifit.synthetic.jhmdb", GENERATOR_VERSION, config,
                          lambda tmp: _write_jhmdb(cfg, tmp, progress), overwrite)

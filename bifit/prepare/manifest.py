@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bifit.data.archive import sha256_file
+from bifit.prepare.archive import sha256_file
 
 CHECKSUM_CACHE = ".bifit_checksums.json"
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bifit.data.manifest import (
+from bifit.prepare.manifest import (
     CHECKSUM_CACHE,
     Expect,
     Manifest,

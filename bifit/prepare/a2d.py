@@ -44,8 +44,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from bifit.data.fsutil import replace_dir
 from bifit.data.ytvos import SampleError
+from bifit.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 

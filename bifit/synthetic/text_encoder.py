@@ -1,5 +1,5 @@
 """Offline stand-in for ``roberta-base``: a byte-level BPE tokenizer trained on the benchmark's expressions and a tiny
-RoBERTa encoder pretrained on those expressions (``bifit.data.text_pretraining``), saved so that ``AutoTokenizer.from_pretrained(path)`` and
+RoBERTa encoder pretrained on those expressions (``bifit.synthetic.text_pretraining``), saved so that ``AutoTokenizer.from_pretrained(path)`` and
 ``AutoModel.from_pretrained(path)`` load them exactly like the real checkpoint.
 
 The tokenizer follows RoBERTa conventions: byte-level pre-tokenisation without a prefix space, ``<s> ... </s>``
@@ -23,9 +23,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bifit.config import check, int_in
 from bifit.data.collate import normalize_text
-from bifit.data.fsutil import replace_dir
-from bifit.data.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 from bifit.data.ytvos import expressions_path, read_videos
+from bifit.fsutil import replace_dir
+from bifit.synthetic.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4
 ASSETS_MARKER = "bifit_text_encoder.json"
@@ -60,7 +60,7 @@ class TinyTextEncoderConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     seed: int = 0
-    # pretraining on the corpus (bifit.data.text_pretraining): masked-language modelling + bag of words from <s>,
+    # pretraining on the corpus (bifit.synthetic.text_pretraining): masked-language modelling + bag of words from <s>,
     # so that the stand-in, like roberta-base, arrives with a first token that summarises the sentence; 0 = none
     pretrain_steps: int = 400
     pretrain_batch_size: int = 64
@@ -163,7 +163,7 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
     """
     out_dir = Path(out_dir)
     corpus = list(corpus)
-    marker = {"generator": "bifit.data.text_encoder_assets", "config": asdict(cfg),
+    marker = {"generator": "bifit.synthetic.text_encoder", "config": asdict(cfg),
               "corpus_sha256": _corpus_digest(corpus)}
     existing = _read_marker(out_dir)
     if existing is not None and {k: v for k, v in existing.items() if k != "pretraining"} == marker:

@@ -23,7 +23,7 @@ from torch import nn
 
 from bifit.config import check
 
-NUM_SPECIAL = 5  # <s>, <pad>, </s>, <unk>, <mask>: ids 0..4 (bifit.data.text_encoder_assets.SPECIAL_TOKENS)
+NUM_SPECIAL = 5  # <s>, <pad>, </s>, <unk>, <mask>: ids 0..4 (bifit.synthetic.text_encoder.SPECIAL_TOKENS)
 MASK_ID = 4
 
 

@@ -1,6 +1,6 @@
 """A tiny synthetic A2D-Sentences in the official on-disk format (DATASETS_AND_EVAL.md section 4).
 
-The scenes are the moving shapes of :mod:`bifit.data.synthetic` (same expression grammar, so the embedded text
+The scenes are the moving shapes of :mod:`bifit.synthetic` (same expression grammar, so the embedded text
 encoder covers them). Each synthetic object is an A2D "instance" (instance id = obj_id - 1, 0-based like A2D).
 Written files, as the real release and MTTR's JSON files lay them out::
 
@@ -16,7 +16,7 @@ Written files, as the real release and MTTR's JSON files lay them out::
 
 Like the real data the annotation file also holds the one malformed row (instance_id ``1 (copy)``) that every
 consumer drops, and a "missed" video that must be excluded. The released JSON files are built here from the
-in-memory scenes (not from the written ``.h5`` files), so that :mod:`bifit.data.a2d_preprocess`, which rebuilds
+in-memory scenes (not from the written ``.h5`` files), so that :mod:`bifit.prepare.a2d`, which rebuilds
 them from the ``.h5`` files, is checked against an independent path.
 
 Deterministic in ``SyntheticA2DConfig.seed`` (H.264 encoding is bit-exact with one encoder thread).
@@ -41,7 +41,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from bifit.config import check, int_in
-from bifit.data.a2d_preprocess import (
+from bifit.fsutil import replace_dir
+from bifit.prepare.a2d import (
     ANNOTATION_TXT,
     COCO_GT_JSON,
     H5_DIR,
@@ -53,8 +54,8 @@ from bifit.data.a2d_preprocess import (
     box_xyxy,
     coco_rle,
 )
-from bifit.data.fsutil import replace_dir
-from bifit.data.synthetic import SyntheticConfig, Video, make_video
+from bifit.synthetic.config import SyntheticConfig
+from bifit.synthetic.video import Video, make_video
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "SYNTHETIC_A2D.json"
@@ -281,5 +282,5 @@ def _write_a2d(cfg: SyntheticA2DConfig, root: Path, progress: bool) -> dict:
 def generate_a2d(cfg: SyntheticA2DConfig, root, progress: bool = True, overwrite: bool = False) -> dict:
     """Write the synthetic A2D-Sentences to ``root`` (idempotent, atomic; see :func:`write_dataset`)."""
     config = json.loads(json.dumps(asdict(cfg)))
-    return write_dataset(Path(root), MANIFEST_NAME, "bifit.data.synthetic_a2d", GENERATOR_VERSION, config,
+    return write_dataset(Path(root), MANIFEST_NAME, "bifit.synthetic.a2d", GENERATOR_VERSION, config,
                          lambda tmp: _write_a2d(cfg, tmp, progress), overwrite)

@@ -1,6 +1,6 @@
 """A tiny synthetic Ref-DAVIS17 written as the three official downloads (DATASETS_AND_EVAL.md sections 3.1-3.4).
 
-The scenes are the moving shapes of :mod:`bifit.data.synthetic` (same expression grammar, so the embedded text
+The scenes are the moving shapes of :mod:`bifit.synthetic` (same expression grammar, so the embedded text
 encoder covers them). ``generate_ref_davis(cfg, folder)`` writes into ``folder``::
 
     DAVIS-2017-Unsupervised-trainval-480p.zip
@@ -16,7 +16,7 @@ encoder covers them). ``generate_ref_davis(cfg, folder)`` writes into ``folder``
         davis_text_annotations/Davis17_annot2.txt, Davis17_annot2_full_video.txt   (latin-1)
     SYNTHETIC_DAVIS.json                                        generator, config, SHA-256 of the three zips
 
-so that the download stage (safe extraction) and the conversion of :mod:`bifit.data.davis_convert` run on it as on
+so that the download stage (safe extraction) and the conversion of :mod:`bifit.prepare.davis` run on it as on
 the real files. The quirks of the real release are reproduced on purpose:
 
 - object ids are numbered in order of first appearance, so an object that enters after the first frame may lie
@@ -50,12 +50,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from bifit.config import check, int_in
-from bifit.data.archive import sha256_file
-from bifit.data.synthetic import PALETTE, SyntheticConfig, Video, make_video
+from bifit.prepare.archive import sha256_file
+from bifit.synthetic.config import SyntheticConfig
+from bifit.synthetic.video import Video, make_video
+from bifit.synthetic.ytvos import PALETTE
 
 GENERATOR_VERSION = 2  # 2: shared documentation files in the two DAVIS zips
 MANIFEST_NAME = "SYNTHETIC_DAVIS.json"
-GENERATOR = "bifit.data.synthetic_davis"
+GENERATOR = "bifit.synthetic.davis"
 TRAINVAL_ZIP = "DAVIS-2017-Unsupervised-trainval-480p.zip"
 SEMANTICS_ZIP = "DAVIS-2017_semantics-480p.zip"
 TEXT_ZIP = "davis_text_annotations.zip"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bifit.data.manifest import Expect, Manifest
+from bifit.prepare.manifest import Expect, Manifest
 
 
 @dataclass(frozen=True)

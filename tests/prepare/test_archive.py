@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bifit.data.archive import ArchiveError, ExtractLimits, extract, list_members
+from bifit.prepare.archive import ArchiveError, ExtractLimits, extract, list_members
 
 
 def make_zip(path: Path, entries: list[tuple[str, bytes]], symlinks: dict[str, str] | None = None) -> Path:
@@ -229,7 +229,7 @@ def test_later_archive_replaces_a_shared_documentation_file_as_unzip_does(tmp_pa
     first, later = davis_zips(tmp_path)
     target = tmp_path / "ref-davis"
     extract(first, target, progress=False)
-    with caplog.at_level("WARNING", logger="bifit.data.archive"):
+    with caplog.at_level("WARNING", logger="bifit.prepare.archive"):
         report = extract(later, target, progress=False)
     assert (target / "DAVIS/README.md").read_bytes() == b"semantics readme"
     assert (target / "DAVIS/SOURCES.md").read_bytes() == b"semantics sources"

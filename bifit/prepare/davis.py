@@ -42,7 +42,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from bifit.data.fsutil import replace_dir
+from bifit.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from bifit.data import text_encoder_assets as tea
-from bifit.data.text_pretraining import (
+from bifit.synthetic import text_encoder as tea
+from bifit.synthetic.text_pretraining import (
     TextPretrainingConfig,
     bag_of_words,
     mask_tokens,

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifit.data import synthetic as syn
-from bifit.data.synthetic import SyntheticConfig, generate_benchmark
+from bifit.synthetic.config import SYNTHETIC_CATEGORIES, SyntheticConfig
+from bifit.synthetic.expressions import description_kind
+from bifit.synthetic.render import shape_mask
+from bifit.synthetic.scene import Description, is_unambiguous, resolve
+from bifit.synthetic.ytvos import generate_benchmark, load_scenes, scene_from_record
 
 TINY = SyntheticConfig(seed=3, num_train_videos=4, num_valid_videos=2, num_test_videos=1, frames_per_video=6,
                        height=96, width=160)
@@ -68,7 +71,7 @@ def test_layout_matches_ref_youtube_vos(bench):
         for exp in entry["expressions"].values():
             assert set(exp) == {"exp", "obj_id"} and exp["obj_id"] in train_meta[vid]["objects"]
         for obj in train_meta[vid]["objects"].values():
-            assert obj["category"] in syn.SYNTHETIC_CATEGORIES
+            assert obj["category"] in SYNTHETIC_CATEGORIES
         for frame in entry["frames"]:
             jpg = Image.open(bench / "train" / "JPEGImages" / vid / f"{frame}.jpg")
             png = Image.open(bench / "train" / "Annotations" / vid / f"{frame}.png")
@@ -96,7 +99,7 @@ def test_same_seed_same_bytes_other_seed_differs(bench, tmp_path):
 
 
 def test_videos_have_three_moving_objects_that_occlude_and_leave(bench):
-    scenes = syn.load_scenes(bench)
+    scenes = load_scenes(bench)
     for split in ("train", "valid"):
         for vid, record in scenes[split].items():
             objs = record["objects"]
@@ -104,7 +107,7 @@ def test_videos_have_three_moving_objects_that_occlude_and_leave(bench):
             centres = np.asarray([o["centres"] for o in objs])  # [N, T, 2]
             assert np.all(np.linalg.norm(centres[:, -1] - centres[:, 0], axis=-1) > 10)  # all move
             ids = id_maps(bench, split, vid, [f"{5 * t:05d}" for t in range(TINY.frames_per_video)])
-            full = np.stack([[syn.shape_mask(o["shape"], *o["centres"][t], o["radius"], 96, 160)
+            full = np.stack([[shape_mask(o["shape"], *o["centres"][t], o["radius"], 96, 160)
                               for t in range(TINY.frames_per_video)] for o in objs])  # [N, T, H, W]
             visible = np.stack([ids == o["obj_id"] for o in objs])
             assert np.all(visible <= full)  # annotations are the rendered shapes minus occluded parts
@@ -114,7 +117,7 @@ def test_videos_have_three_moving_objects_that_occlude_and_leave(bench):
 
 
 def test_distractors_share_attributes(bench):
-    for record in syn.load_scenes(bench)["train"].values():
+    for record in load_scenes(bench)["train"].values():
         objs = record["objects"]
         pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1:]]
         assert any(a["colour"] == b["colour"] and a["shape"] != b["shape"] for a, b in pairs)
@@ -122,21 +125,21 @@ def test_distractors_share_attributes(bench):
 
 
 def test_expressions_are_unambiguous(bench):
-    scenes = syn.load_scenes(bench)
+    scenes = load_scenes(bench)
     kinds = set()
     for split in ("train", "valid"):
         for vid, record in scenes[split].items():
             frames = [f"{5 * t:05d}" for t in range(TINY.frames_per_video)]
-            scene = syn.scene_from_record(record, id_maps(bench, split, vid, frames), TINY.min_visible_pixels)
+            scene = scene_from_record(record, id_maps(bench, split, vid, frames), TINY.min_visible_pixels)
             meta = read(bench, f"meta_expressions/{split}/meta_expressions.json")[vid]["expressions"]
             referred = {e["obj_id"] for e in meta.values()}
             assert referred == {str(o["obj_id"]) for o in record["objects"]}  # every object is referred to
             for exp_id, exp in record["expressions"].items():
                 assert meta[exp_id] == {"exp": exp["exp"], "obj_id": exp["obj_id"]}
-                desc = syn.Description.from_dict(exp["description"])
-                kinds.add(syn.description_kind(desc))
-                assert syn.is_unambiguous(scene, desc, int(exp["obj_id"])), (vid, exp)
-                if syn.description_kind(desc) in ("attribute", "motion"):  # independent count for plain attributes
+                desc = Description.from_dict(exp["description"])
+                kinds.add(description_kind(desc))
+                assert is_unambiguous(scene, desc, int(exp["obj_id"])), (vid, exp)
+                if description_kind(desc) in ("attribute", "motion"):  # independent count for plain attributes
                     keys = {"motion": "direction"}
                     matches = [o for o in record["objects"]
                                if all(o[keys.get(k, k)] == v for k, v in desc.attributes().items())]
@@ -149,12 +152,12 @@ def test_expressions_are_unambiguous(bench):
 
 
 def test_ambiguous_description_is_rejected(bench):
-    record = next(iter(syn.load_scenes(bench)["train"].values()))
-    vid = next(iter(syn.load_scenes(bench)["train"]))
-    scene = syn.scene_from_record(record, id_maps(bench, "train", vid, [f"{5 * t:05d}" for t in range(6)]), 20)
-    everything = syn.Description()  # "the object" matches every object
-    assert len(syn.resolve(scene, everything)) == len(record["objects"])
-    assert not syn.is_unambiguous(scene, everything, record["objects"][0]["obj_id"])
+    record = next(iter(load_scenes(bench)["train"].values()))
+    vid = next(iter(load_scenes(bench)["train"]))
+    scene = scene_from_record(record, id_maps(bench, "train", vid, [f"{5 * t:05d}" for t in range(6)]), 20)
+    everything = Description()  # "the object" matches every object
+    assert len(resolve(scene, everything)) == len(record["objects"])
+    assert not is_unambiguous(scene, everything, record["objects"][0]["obj_id"])
 
 
 def test_backgrounds_are_textured(bench):

@@ -35,7 +35,9 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from bifit.data.a2d_preprocess import (
+from bifit.data.ytvos import SampleError
+from bifit.fsutil import replace_dir
+from bifit.prepare.a2d import (
     SKIPPED_NAME,
     SkipRecorder,
     coco_gt_dataset,
@@ -44,8 +46,6 @@ from bifit.data.a2d_preprocess import (
     warn_size_mismatch,
     write_mask_png,
 )
-from bifit.data.fsutil import replace_dir
-from bifit.data.ytvos import SampleError
 
 METADATA_JSON = "jhmdb_sentences_samples_metadata.json"
 COCO_GT_JSON = "jhmdb_sentences_gt_annotations_in_coco_format.json"

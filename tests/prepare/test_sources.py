@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from bifit.data.manifest import verify
-from bifit.data.sources import SOURCES, YTVOS_PAGE, FetchError, fetch, instructions, real_manifest
+from bifit.prepare.manifest import verify
+from bifit.prepare.sources import SOURCES, YTVOS_PAGE, FetchError, fetch, instructions, real_manifest
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
