@@ -2,6 +2,9 @@
 
 images [b, t, 3, H, W] + expression tokens [b, l] -> per frame and query: a class logit, a box
 and mask logits at 1/4 resolution, for the last decoder layer and (aux) every earlier one.
+
+Intermediates (resized text, per-level fusion, sentence, transformer outputs, mask features) are the
+outputs of named submodules: capture them with `bifit.models.diagnostics.capture`.
 """
 
 from __future__ import annotations
@@ -76,9 +79,11 @@ class BIFIT(nn.Module):
         if cfg.freeze_text_encoder:
             self.text_encoder.requires_grad_(False)
         if cfg.bidirectional_vl and getattr(self.text_encoder, "pooler", None) is not None:
-            self.text_encoder.pooler.requires_grad_(False)  # unused: the sentence comes from the fused text
+            self.text_encoder.pooler.requires_grad_(False)  # unused: the sentence is built from the text
         self.resizer = FeatureResizer(text_hidden_size(text_encoder), d, dropout=0.1)
-        self.vl_interaction = VisionLanguageInteraction(d, cfg.nheads, bidirectional=cfg.bidirectional_vl)
+        self.vl_interaction = VisionLanguageInteraction(
+            d, cfg.nheads, bidirectional=cfg.bidirectional_vl,
+            sentence_source=cfg.sentence_source if cfg.bidirectional_vl else "encoder")
 
         channels = self.backbone.num_channels
         projs = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in channels[-3:]]
@@ -120,11 +125,12 @@ class BIFIT(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def encode_text(self, input_ids, attention_mask):
-        """-> text features [b, l, c], text padding mask [b, l] (True = pad), pooled sentence [b, c] or None."""
+        """-> text features [b, l, c], text padding mask [b, l] (True = pad), and the encoder's pooled
+        sentence [b, c] where the sentence feature comes from it, else None."""
         encoded = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         text = self.resizer(encoded.last_hidden_state)
         pooled = None
-        if not self.cfg.bidirectional_vl:
+        if self.vl_interaction.needs_encoder_sentence:
             pooled = self.resizer(encoded.pooler_output)
         return text, attention_mask.ne(1), pooled
 
@@ -153,53 +159,46 @@ class BIFIT(nn.Module):
             extra_in = src
         return VisualFeatures(t, feats[0], masks, poses, srcs, src_masks, src_poses)
 
+    def _visual_per_expression(self, visual: VisualFeatures, num_expressions: int) -> VisualFeatures:
+        """k expressions per clip, expression-major: the clips' features repeated k times."""
+        clips = visual.res2.shape[0] // visual.num_frames
+        if num_expressions == clips:
+            return visual
+        if num_expressions % clips:
+            raise ValueError(f"BIFIT: {num_expressions} expressions for {clips} clips; "
+                             "expected a multiple (k per clip)")
+        return visual.repeat(num_expressions // clips)
+
     def forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices=None,
-                with_aux: bool = True, record: dict | None = None, visual: VisualFeatures | None = None):
+                with_aux: bool = True, visual: VisualFeatures | None = None):
         """images [b, t, 3, H, W]; image_mask [b, t, H, W] (True = padding); input_ids, attention_mask [b, l];
         image_sizes [b, 2] unpadded (h, w); valid_indices [b] (A2D: the one annotated frame of each clip).
         visual: precomputed `encode_visual` output (e.g. one video shared by several expressions, repeated).
         """
         with attention_kernels(input_ids.device):
             return self._forward(images, image_mask, input_ids, attention_mask, image_sizes, valid_indices, with_aux,
-                                 record, visual)
+                                 visual)
 
-    def _forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices, with_aux, record,
-                 visual):
+    def _forward(self, images, image_mask, input_ids, attention_mask, image_sizes, valid_indices, with_aux, visual):
         if visual is None:
             visual = self.encode_visual(images, image_mask, valid_indices)
-        b, t = input_ids.shape[0], visual.num_frames
-        clips = visual.res2.shape[0] // t
-        if b != clips:  # k expressions per clip, expression-major: the clips' features repeated k times
-            if b % clips:
-                raise ValueError(f"BIFIT: {b} expressions for {clips} clips; expected a multiple (k per clip)")
-            visual = visual.repeat(b // clips)
-        dtype = visual.res2.dtype
-        text, text_mask, pooled = self.encode_text(input_ids, attention_mask)
-        text_seq = text.transpose(0, 1)  # [l, b, c]
-        text_pos = sine_position_1d(text_mask, self.cfg.hidden_dim, dtype=dtype)
-        if record is not None:
-            record.update(resizer=text)
-        src_masks, src_poses = visual.src_masks, visual.src_poses
-        srcs, fused_text = self.vl_interaction(visual.srcs, src_masks, src_poses, text_seq, text_mask, text_pos, t, record)
-        if self.cfg.bidirectional_vl and self.cfg.sentence_source == "text_mean":
-            keep = (~text_mask).to(text.dtype)[..., None]  # [b, l, 1]
-            mean = (text * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)  # [b, 1, c]
-            sentence = self.vl_interaction.sentence_pool(mean)  # [b, c]
-        elif self.cfg.bidirectional_vl:
-            pool_from = fused_text if self.cfg.sentence_source == "fused_text" else text_seq
-            sentence = self.vl_interaction.sentence_pool(pool_from.transpose(0, 1))  # [b, c]
-        else:
-            sentence = pooled
-        q = self.num_queries
-        tgt = sentence[:, None, None].expand(b, t, q, -1).reshape(b * t, q, -1)  # [(b t), q, c]
-        out = self.transformer(srcs, src_masks, src_poses, tgt, self.query_embed.weight, t, self.bbox_embed)
-        if record is not None:
-            record.update(sentence=sentence, **{f"transformer.{k}": v for k, v in out.items()})
-
+        b, t, q = input_ids.shape[0], visual.num_frames, self.num_queries
+        visual = self._visual_per_expression(visual, b)
+        text, text_mask, encoder_sentence = self.encode_text(input_ids, attention_mask)
+        text_seq = text.transpose(0, 1)  # [b, l, c] -> [l, b, c]
+        text_pos = sine_position_1d(text_mask, self.cfg.hidden_dim, dtype=visual.res2.dtype)
+        srcs, sentence = self.vl_interaction(visual.srcs, visual.src_masks, visual.src_poses, text_seq, text_mask,
+                                             text_pos, t, encoder_sentence)
+        queries = sentence[:, None, None].expand(b, t, q, -1).reshape(b * t, q, -1)  # [b, c] -> [(b t), q, c]
+        out = self.transformer(srcs, visual.src_masks, visual.src_poses, queries, self.query_embed.weight, t,
+                               self.bbox_embed)
         mask_features = self.pixel_decoder(visual.res2, out["memory"], visual.masks, visual.poses, text_seq, text_mask,
                                            text_pos, t)
-        if record is not None:
-            record["mask_features"] = mask_features
+        return self._predict(out, mask_features, image_sizes, b, t, with_aux)
+
+    def _predict(self, out, mask_features, image_sizes, b: int, t: int, with_aux: bool):
+        """The heads on the decoder output: per level [b, t, q, ...] logits, boxes and masks."""
+        q = self.num_queries
         levels = range(len(out["hs"])) if with_aux else [len(out["hs"]) - 1]
         per_level = []
         for lvl in levels:

@@ -6,6 +6,7 @@ import torch
 from bifit.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from bifit.config import Config, to_dict
 from bifit.models.criterion import build_criterion
+from bifit.models.diagnostics import capture
 from tests.conftest import tiny_batch, tiny_model, tiny_model_config
 
 VARIANTS = list(itertools.product([0, 1, 2], [False, True]))
@@ -124,31 +125,54 @@ def test_sentence_source_text_mean_pools_the_unpadded_tokens():
     images, mask, ids, attn, sizes, _ = tiny_batch(b=2, t=2)
     attn[1, 3:] = 0  # the second expression is 3 tokens long
     ids[1, 3:] = 1
-    record = {}
-    with torch.no_grad():
-        model(images, mask, ids, attn, sizes, record=record)
-        text = record["resizer"]  # [b, l, c]
+    with torch.no_grad(), capture(model, ["resizer", "vl_interaction.sentence_pool"]) as seen:
+        model(images, mask, ids, attn, sizes)
+        [text], [sentence] = seen["resizer"], seen["vl_interaction.sentence_pool"]  # [b, l, c], [b, c]
         pool = model.vl_interaction.sentence_pool.dense
         expected = torch.tanh(pool(torch.stack([text[0].mean(0), text[1, :3].mean(0)])))
-    torch.testing.assert_close(record["sentence"], expected)
-    assert not torch.allclose(record["sentence"][1], torch.tanh(pool(text[1].mean(0))))
+    torch.testing.assert_close(sentence, expected)
+    assert not torch.allclose(sentence[1], torch.tanh(pool(text[1].mean(0))))
 
 
 @pytest.mark.parametrize("source", ["fused_text", "text"])
 def test_sentence_source_picks_the_first_token_before_or_after_fusion(source):
     model = tiny_model(sentence_source=source).eval()
     images, mask, ids, attn, sizes, _ = tiny_batch(b=2, t=2)
-    record = {}
-    with torch.no_grad():
-        model(images, mask, ids, attn, sizes, record=record)
-        last = max(int(k.rsplit(".", 1)[1]) for k in record if k.startswith("text_fusion_module."))
-        fused_first = record[f"text_fusion_module.{last}"][0]  # [l, b, c] -> [b, c]
-        text_first = record["resizer"][:, 0]  # [b, l, c] -> [b, c]
+    names = ["resizer", "vl_interaction.vision_to_text", "vl_interaction.sentence_pool"]
+    with torch.no_grad(), capture(model, names) as seen:
+        model(images, mask, ids, attn, sizes)
+        fused_text = seen["vl_interaction.vision_to_text"]  # per feature level, [l, b, c]
+        assert len(fused_text) == model.cfg.num_feature_levels
+        fused_first = fused_text[-1][0]  # [l, b, c] -> [b, c]
+        text_first = seen["resizer"][0][:, 0]  # [b, l, c] -> [b, c]
+        [sentence] = seen["vl_interaction.sentence_pool"]  # [b, c]
         pool = model.vl_interaction.sentence_pool.dense
         expected = torch.tanh(pool(fused_first if source == "fused_text" else text_first))
         other = torch.tanh(pool(text_first if source == "fused_text" else fused_first))
-    torch.testing.assert_close(record["sentence"], expected)
-    assert not torch.allclose(record["sentence"], other)
+    torch.testing.assert_close(sentence, expected)
+    assert not torch.allclose(sentence, other)
+
+
+def test_one_way_model_takes_the_encoders_pooled_sentence_and_hooks_go_on_exit():
+    model = tiny_model(bidirectional_vl=False).eval()
+    assert not any(k.startswith("vl_interaction.sentence_pool.") for k in model.state_dict())
+    images, mask, ids, attn, sizes, _ = tiny_batch(b=2, t=2)
+    names = ["resizer", "vl_interaction.text_to_vision", "vl_interaction.sentence_pool", "transformer",
+             "pixel_decoder"]
+    with torch.no_grad(), capture(model, names) as seen:
+        out = model(images, mask, ids, attn, sizes)
+    text, pooled = seen["resizer"]  # the token features [b, l, c], then the encoder's pooled sentence [b, c]
+    assert text.shape[:2] == ids.shape and pooled.shape == (2, text.shape[-1])
+    [sentence] = seen["vl_interaction.sentence_pool"]
+    assert sentence is pooled
+    assert len(seen["vl_interaction.text_to_vision"]) == model.cfg.num_feature_levels
+    [transformer_out], [mask_features] = seen["transformer"], seen["pixel_decoder"]
+    torch.testing.assert_close(out["pred_logits"].flatten(0, 1), model.class_embed[-1](transformer_out["hs"][-1]))
+    assert mask_features.shape[0] == 2 * 2
+    with torch.no_grad():
+        model(images, mask, ids, attn, sizes)
+    assert len(seen["resizer"]) == 2  # nothing recorded once the block is left
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_expressions_sharing_a_clip_equal_the_clip_repeated():
