@@ -13,6 +13,7 @@ code). `load_config` validates the loaded sections (after overlays and overrides
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
@@ -299,6 +300,7 @@ def _coerce(value: Any, tp, key: str):
         return value
     if tp is float:
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        check(math.isfinite(value), key, "a finite number", value)
         return float(value)
     if tp is str:
         check(isinstance(value, str), key, "a string", value)
@@ -327,13 +329,33 @@ def from_dict(cls, data: dict | None, where: str = ""):
         raise ConfigError(f"{where or 'top level'}: {err}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} written twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "YAML would keep the last one silently", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path):
+    """The YAML document in `path`, refusing duplicate keys at any level."""
+    return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path = "params.yaml", overrides: dict | None = None, cls=None):
     """Read and validate a params file into `cls` (default `Config`; the pipeline passes a subclass that adds
     its own sections). `overrides` maps dotted keys to values, e.g. {"train.epochs": 1}."""
     cls = cls or Config
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: file not found") from err
     except yaml.YAMLError as err:
@@ -367,7 +389,7 @@ def _overlay_paths(path: Path, overlay) -> list[Path]:
 
 def _read_overlay(path: Path, overlay_path: Path) -> dict:
     try:
-        extra = yaml.safe_load(overlay_path.read_text()) or {}
+        extra = read_yaml(overlay_path) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: overlay: cannot read {overlay_path} ({err})") from err
     if not isinstance(extra, dict) or "overlay" in extra:

@@ -51,7 +51,8 @@ class RayConfig:
     def validate(self, where="ray"):
         check(self.num_workers >= 1, f"{where}.num_workers", "an integer >= 1", self.num_workers)
         check(self.cpus_per_worker >= 1, f"{where}.cpus_per_worker", "an integer >= 1", self.cpus_per_worker)
-        check(self.max_failures >= -1, f"{where}.max_failures", "-1 (unlimited) or >= 0", self.max_failures)
+        check(self.max_failures >= 0, f"{where}.max_failures", "an integer >= 0 (restarts after a lost worker)",
+              self.max_failures)
 
     def resolved_address(self) -> str | None:
         return os.environ.get("RAY_ADDRESS") or self.address

@@ -5,16 +5,19 @@ instead of in every Ray worker; image-level problems (truncated JPEGs, wrong PNG
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from bifit.config import ConfigError
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, resolve
 
 log = logging.getLogger("pipeline.preflight")
 
 
 def check_local_resources(cfg: PipelineConfig, local_ray: bool) -> None:
-    """GPU workers on a local Ray need that many GPUs here (Ray would otherwise wait for them forever)."""
+    """The model's weight sources exist, and GPU workers on a local Ray have that many GPUs here (Ray would
+    otherwise wait for them forever)."""
+    check_model_sources(cfg)
     if not (local_ray and cfg.ray.use_gpu):
         return
     import torch
@@ -24,6 +27,36 @@ def check_local_resources(cfg: PipelineConfig, local_ray: bool) -> None:
         raise ConfigError(f"ray.use_gpu: true asks for {cfg.ray.num_workers} GPU worker(s) (ray.num_workers) on a "
                           f"local Ray, but this machine has {found} CUDA device(s); set ray.use_gpu: false or join "
                           "a cluster with RAY_ADDRESS")
+
+
+def check_model_sources(cfg: PipelineConfig) -> None:
+    """`model.backbone_weights` is a file; `model.text_encoder` is a local folder written with save_pretrained or a
+    hub id that transformers resolves (from its cache or the hub), checked here rather than in every worker."""
+    m = cfg.model
+    if m.backbone_weights is not None and not Path(m.backbone_weights).is_file():
+        raise ConfigError(f"model.backbone_weights: expected a torchvision-format ResNet weights file, but "
+                          f"{m.backbone_weights} does not exist (set it to null to start from random weights)")
+    local = resolve(m.text_encoder)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.text_encoder: {local} has no config.json; expected a folder written by "
+                              "save_pretrained (or a hub id such as roberta-base)")
+        return
+    if not _looks_like_hub_id(m.text_encoder):
+        raise ConfigError(f"model.text_encoder: {local} does not exist; expected a local folder written by "
+                          "save_pretrained or a hub id such as roberta-base")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(m.text_encoder)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.text_encoder: {m.text_encoder!r} is neither a local folder nor a hub model "
+                          f"transformers can load here ({str(err).splitlines()[0]})") from None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """"name" or "org/name" (letters, digits, "-", "_", "."), not a path such as ./x, /x or a/b/c."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and ".." not in name
 
 
 def check_training_data(cfg: PipelineConfig, skip_log: Path | None = None) -> int:

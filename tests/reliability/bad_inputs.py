@@ -180,11 +180,25 @@ BAD_PARAMS = [
      r"data\.dataset: expected 'ytvos' \(the train stage trains on Ref-YouTube-VOS-format data\), got 'a2d'"),
     ("auxiliary loss with one decoder layer", {"model": {"dec_layers": 1}},
      r"model\.dec_layers: expected >= 2 when aux_loss is on, got 1"),
+    ("an infinite learning rate", {"train": {"lr": float("inf")}}, r"train\.lr: expected a finite number, got inf"),
+    ("a NaN loss weight", {"loss": {"dice_loss_coef": float("nan")}}, r"loss\.dice_loss_coef: expected a finite number, got nan"),
+    ("endless restarts", {"ray": {"max_failures": -1}},
+     r"ray\.max_failures: expected an integer >= 0 \(restarts after a lost worker\), got -1"),
 ]
 # valid on paper, impossible here: found by the driver's preflight, still before Ray starts
 BAD_PARAMS_PREFLIGHT = [
     ("GPU workers on a machine without GPUs", {"ray": {"use_gpu": True}},
      r"ray\.use_gpu: true asks for 2 GPU worker\(s\) \(ray\.num_workers\) on a local Ray, but this machine has 0"),
+    ("a text encoder folder that does not exist", {"model": {"text_encoder": "data/no-such-folder/tiny-roberta"}},
+     r"model\.text_encoder: .*data/no-such-folder/tiny-roberta does not exist; expected a local folder written by "
+     r"save_pretrained or a hub id"),
+    ("a text encoder folder without config.json", {"model": {"text_encoder": "tests"}},
+     r"model\.text_encoder: .*tests has no config\.json"),
+    ("a mistyped hub id", {"model": {"text_encoder": "roberta-bsae"}},
+     r"model\.text_encoder: 'roberta-bsae' is neither a local folder nor a hub model transformers can load here"),
+    ("backbone weights that are not there", {"model": {"backbone_weights": "weights/resnet18-missing.pth"}},
+     r"model\.backbone_weights: expected a torchvision-format ResNet weights file, but .*resnet18-missing\.pth does "
+     r"not exist"),
     ("a batch larger than the data", {"train": {"batch_size": 1000}},
      r"train\.batch_size: \d+ training samples in .* cannot fill one step of train\.batch_size \(1000\) x "
      r"ray\.num_workers \(2\)"),

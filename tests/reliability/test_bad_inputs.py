@@ -158,14 +158,40 @@ def test_invalid_params_are_rejected_naming_the_key(name, sections, message, tmp
 
 @pytest.mark.parametrize("name,sections,message", BAD_PARAMS_PREFLIGHT, ids=[c[0] for c in BAD_PARAMS_PREFLIGHT])
 def test_impossible_settings_are_rejected_before_ray_starts(name, sections, message, tmp_path, toy_data,
-                                                            ray_must_not_start):
+                                                            ray_must_not_start, monkeypatch):
     from pipeline import train
 
     if name.startswith("GPU") and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs")  # the check is about their absence
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub id check answers from the cache
     path = broken_params(tmp_path, toy_data, sections)
     with pytest.raises(ConfigError, match=message):
         train.main(["--params", str(path)])
+
+
+def test_a_section_written_twice_is_rejected_naming_the_lines(tmp_path, toy_data, ray_must_not_start):
+    """YAML keeps the last of two equal keys silently: the first section's settings would be lost unnoticed."""
+    from pipeline import train
+
+    path = broken_params(tmp_path, toy_data, {})
+    text = path.read_text()
+    path.write_text(text + "train:\n  epochs: 7\n")
+    with pytest.raises(ConfigError) as err:
+        train.main(["--params", str(path)])
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("train:"))
+    assert re.search(rf"{re.escape(str(path))}: not valid YAML .*key 'train' written twice \(lines {first} and "
+                     rf"{len(text.splitlines()) + 1}\)", str(err.value), re.S), str(err.value)
+
+
+def test_a_key_written_twice_inside_a_section_is_rejected(tmp_path):
+    from bifit.config import load_config
+
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.0001\n  epochs: 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' written twice \(lines 2 and 4\)"):
+        load_config(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
