@@ -439,6 +439,11 @@ class YTVOSDataset(Dataset):
             img_path, ann_path = self.frame_paths(sample.video, frame)
             sid = f"{sample.sample_id} frame {frame}"
             img = load_image(img_path, sid)
+            if clip and img.size != clip[0].size:  # the clip is stacked into one tensor: name the odd frame
+                first = sample.frames[positions[0]]
+                raise SampleError(img_path, sid, f"frame is {img.size[0]}x{img.size[1]} (WxH), the clip's frame "
+                                  f"{first} is {clip[0].size[0]}x{clip[0].size[1]}; a video's frames must share one "
+                                  "size")
             clip.append(img)
             id_maps.append(load_id_map(ann_path, sid, img.size))
         group = [sample]

@@ -58,6 +58,21 @@ def png_wrong_size(root: Path) -> str:
     return vid
 
 
+def frames_of_different_sizes(root: Path) -> str:
+    """Every frame after the first is narrower than the one before (its annotation too): no clip can be stacked."""
+    vid = _first_video(root)
+    pairs = zip(_frames(root, vid), _frames(root, vid, "Annotations", "png"))
+    for i, (jpg, png_path) in enumerate(pairs):
+        if i == 0:
+            continue
+        for path, resample in ((jpg, Image.BILINEAR), (png_path, Image.NEAREST)):
+            with Image.open(path) as im:
+                im.load()
+                small = im.resize((im.width - 8 * i, im.height), resample)
+            small.save(path)
+    return vid
+
+
 def png_wrong_mode(root: Path) -> str:
     vid = _first_video(root)
     for f in _frames(root, vid, "Annotations", "png"):
@@ -96,6 +111,9 @@ CORRUPT_DATASETS = [
                 r"JPEGImages/{vid}/\d+\.jpg: corrupt or unreadable image .*\[video {vid} exp_id", "loading"),
     DatasetCase("annotation PNG of the wrong size", png_wrong_size,
                 r"Annotations/{vid}/\d+\.png: annotation is \d+x\d+ \(WxH\), expected the frame size", "loading"),
+    DatasetCase("frames of one video at different resolutions", frames_of_different_sizes,
+                r"JPEGImages/{vid}/\d+\.jpg: frame is \d+x\d+ \(WxH\), the clip's frame \d+ is \d+x\d+; a video's "
+                r"frames must share one size \[video {vid} exp_id \d+ obj_id \d+ frame \d+\]", "loading"),
     DatasetCase("annotation PNG of the wrong mode", png_wrong_mode,
                 r"Annotations/{vid}/\d+\.png: expected a palette \('P'\) or 'L' PNG, got mode 'RGB'", "loading"),
     DatasetCase("video without 'frames'", lambda r: _edit_json(r, EXP_JSON, lambda v, vid: v[vid].pop("frames")),
