@@ -2,7 +2,7 @@
 
     python bench/metrics.py [--runs 5] [--threads 1]
 
-Setups (ANCHORS.md, "Evaluation metrics"):
+Setups (``ANCHORS_S`` holds the official implementation's figures measured on a 2-core CPU machine like ours):
 - DAVIS J and F for one object, 50 frames at 480x854 (a smooth blob that moves and deforms; the prediction
   is the blob seen through low-frequency noise, so it has a ragged boundary and the odd false-positive speck).
   Reference arm: davis2017 ``db_eval_iou`` on the stack and ``db_eval_boundary`` (per-frame ``f_measure`` with

@@ -2,10 +2,11 @@
 
     python bench/model.py [--runs 3] [--threads 2]
 
-Setups (ANCHORS.md): inference, eval, no grad, batch 1, 5 frames 3x360x640, 12-token caption,
-roberta-base-sized text encoder (random weights), ResNet-50, 4/4 layers, 5 queries; and one
-training step: batch 1, 6 frames 3x320x320, one object, text encoder frozen, forward + criterion
-with aux losses + backward, no optimizer step. Prints medians and the ratios and writes them to
+Setups (``ANCHORS``: the official implementation's figures, measured on a 2-core CPU machine like
+ours): inference, eval, no grad, batch 1, 5 frames 3x360x640, 12-token caption, roberta-base-sized
+text encoder (random weights), ResNet-50, 4/4 layers, 5 queries; and one training step: batch 1,
+6 frames 3x320x320, one object, text encoder frozen, forward + criterion with aux losses + backward,
+no optimizer step. Prints medians and the ratios and writes them to
 bench/results/model.json. Also checks that both arms give the same outputs.
 """
 
@@ -29,7 +30,7 @@ from bifit.models import BIFIT  # noqa: E402
 from bifit.models.criterion import build_criterion  # noqa: E402
 from bifit.models.text_encoder import build_hf_text_encoder  # noqa: E402
 
-ANCHORS = {"inference_s": 9.90, "train_step_s": 15.8}  # official implementation, ANCHORS.md
+ANCHORS = {"inference_s": 9.90, "train_step_s": 15.8}  # official implementation, medians, 2-core CPU
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                     bos_token_id=0, eos_token_id=2, model_type="roberta")

@@ -2,10 +2,10 @@
 
     python bench/ms_deform_attn.py [--runs 7] [--threads 2] [--skip-cpu] [--skip-cuda]
 
-Shapes of the model's inference forward (shared/spec/ANCHORS.md): 5 frames of 360x640, value
-[5, 4820, 8, 32], levels [[45,80],[23,40],[12,20],[6,10]], 4 points; encoder (4820 queries per frame,
-placed like the encoder's reference points with offsets of a few pixels; also with uniformly random
-locations) and decoder (5 queries per frame). Forward under no_grad, and forward + backward.
+Shapes of the model's inference forward (those of the official timings ``ANCHORS_MS``): 5 frames
+of 360x640, value [5, 4820, 8, 32], levels [[45,80],[23,40],[12,20],[6,10]], 4 points; encoder
+(4820 queries per frame, placed like the encoder's reference points with offsets of a few pixels;
+also with uniformly random locations) and decoder (5 queries per frame). Forward under no_grad, and forward + backward.
 
 CPU: the compiled kernel vs the pure-PyTorch path, timed alternately, medians. CUDA (only where a
 GPU is visible): the main kernel vs the classic Deformable-DETR design (one thread per output

@@ -18,3 +18,30 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
     elif old.exists() or old.is_symlink():
         old.unlink()
+
+
+def component_problem(value) -> str | None:
+    """Why `value` cannot be one file or folder name (None when it can). Ids and frame names read from metadata
+    become path components: "../x", "a/b", "" or ".." would read or write outside the dataset or output folder."""
+    if not isinstance(value, str) or not value:
+        return "it is empty"
+    if value in (".", ".."):
+        return f"{value!r} names a folder itself"
+    if "/" in value or "\\" in value:
+        return "it contains a path separator"
+    if "\x00" in value:
+        return "it contains a NUL character"
+    return None
+
+
+def relative_path_problem(value: str) -> str | None:
+    """Why `value` cannot be a path inside a dataset root (None when it can): absolute, or a '..' component."""
+    if not isinstance(value, str) or not value:
+        return "it is empty"
+    if value.startswith(("/", "\\")) or (len(value) > 1 and value[1] == ":"):
+        return "it is absolute"
+    if ".." in value.replace("\\", "/").split("/"):
+        return "it has a '..' component"
+    if "\x00" in value:
+        return "it contains a NUL character"
+    return None

@@ -2,7 +2,7 @@
 
     python -m bifit.parity GOLDEN.pt [GOLDEN2.pt ...]
 
-A model golden (format `bifit-golden-v1`, PARITY.md section 7): the weights are rebuilt with the
+A model golden (`bifit-golden-v1`, e.g. tests/golden/official_public_slim.pt): the weights are rebuilt with the
 key-name recipe, loaded into our model, every case is run in float32 (and float64 where the file
 has `outputs_f64`), and the loss terms are recomputed on the float32 outputs. A deformable-attention
 golden (`inputs`/`output`/`grads`): the core is run in float64 with gradients.

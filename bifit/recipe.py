@@ -1,4 +1,4 @@
-"""The key-name weight recipe (`bifit-keyname-recipe-v1`, PARITY.md section 1).
+"""The key-name weight recipe (`bifit-keyname-recipe-v1`) that the official goldens were made with.
 
 Every state-dict entry is filled from its key name and shape alone, so a model built in any
 order gets the weights the golden outputs were computed with.

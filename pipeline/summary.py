@@ -3,7 +3,7 @@
     python -m pipeline.summary [--params params.yaml] [--out metrics/summary.md]
 
 Reads `<paths.metrics>/{ytvos,ytvos_proxy,davis,a2d,jhmdb}.json` (fractions) and prints them x 100 beside the
-BIFIT ResNet-50 numbers of its README (DATASETS_AND_EVAL.md section 0), with the data source and checkpoint of
+BIFIT ResNet-50 numbers of its README, with the data source and checkpoint of
 each row and the wall time of each evaluation. A run on the synthetic data is not comparable with the paper;
 the table says so on every such row. A missing metrics file is listed as missing, never filled in.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config, resolve
 
-# BIFIT (ResNet-50) as reported in its README; DATASETS_AND_EVAL.md section 0
+# BIFIT (ResNet-50) as reported in its README (Ref-DAVIS17 and JHMDB: zero-shot, no finetune)
 PAPER = {
     "ytvos": {"jf": 59.9, "j": 58.4, "f": 61.4},
     "davis": {"jf": 60.5, "j": 56.9, "f": 64.1},

@@ -1,18 +1,20 @@
-"""A2D-Sentences loader (DATASETS_AND_EVAL.md sections 1.3, 1.7, 4.4 and 4.5) over the index written by
+"""A2D-Sentences loader (samples built as the official loader builds them) over the index written by
 :mod:`bifit.prepare.a2d`.
 
 One sample per entry of the single-frame JSON: a T-frame clip of ``Release/clips320H/<video>.mp4`` (decoded with
 PyAV in presentation order, as torchvision's ``read_video`` returns it: :func:`read_video`) around the annotated
-frame f = frame_idx - 1, and the target of that one frame (section 1.3): ``labels`` [1] (0), ``boxes`` [1, 4],
+frame f = frame_idx - 1, and the target of that one frame: ``labels`` [1] (0), ``boxes`` [1, 4],
 ``masks`` [1, H, W] bool, ``valid`` [1], ``valid_indices`` [1] (the position of f in the clip), ``frames_idx`` [T]
 (0-based), ``caption``, ``orig_size`` (the mask's size), ``size``, ``image_id`` (string
 ``v_<video>_f_<frame>_i_<instance>``).
 
-- training (``train=True``): the clip is sampled around f with the algorithm of section 1.7; a sample whose
-  annotated frame is invalid after the transforms is replaced by a random other sample (as the reference does),
-  counted in ``dataset.redrawn`` and in ``target["redrawn_samples"]`` of the item served;
+- training (``train=True``): the clip is sampled around f as for Ref-YouTube-VOS
+  (:func:`~bifit.data.ytvos.sample_clip_indices`); a sample whose annotated frame is invalid after the transforms
+  is replaced by a random other sample (as the reference does), counted in ``dataset.redrawn`` and in
+  ``target["redrawn_samples"]`` of the item served;
 - evaluation: the window f - T//2 .. f + (T+1)//2 - 1 clamped into the video, sorted; deterministic, nothing is
-  replaced (an empty GT mask is a sample like any other; the reference's redraw, pitfall 17, is not copied).
+  replaced (an empty GT mask is a sample like any other; the reference's redraw, which would leave that image id
+  without a prediction, is not copied).
 
 A mask whose size differs from the frames is resized to them with nearest neighbour, as the reference's
 transforms do, and warned about (the preprocess stage records both sizes;
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 def centred_window(centre: int, first: int, last: int, num_frames: int) -> list[int]:
-    """Eval clip: centre - T//2 .. centre + (T+1)//2 - 1, each clamped into [first, last], sorted (4.5, 5.4)."""
+    """Eval clip (A2D and JHMDB): centre - T//2 .. centre + (T+1)//2 - 1, each clamped into [first, last], sorted."""
     return sorted(min(max(i, first), last) for i in range(centre - num_frames // 2, centre + (num_frames + 1) // 2))
 
 

@@ -1,4 +1,4 @@
-"""Batching of video clips and text tokenisation (DATASETS_AND_EVAL.md sections 1.2 and 1.4)."""
+"""Batching of video clips and text tokenisation, as the official code does them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ref-DAVIS17 loader over the converted layout of :mod:`bifit.prepare.davis` (DATASETS_AND_EVAL.md 3.3-3.6).
+"""Ref-DAVIS17 loader over the converted layout of :mod:`bifit.prepare.davis`.
 
 Evaluation (what BIFIT does with Ref-DAVIS17: the Ref-YouTube-VOS model, zero-shot, on the 30 val sequences):
 :func:`ref_davis_videos` lists the val sequences in ``ImageSets/2017/val.txt`` order from ``index.json`` (no folder
@@ -9,10 +9,11 @@ with torchvision ``Resize(short_side)`` semantics, :func:`load_gt_labels` the un
 (0 background, k object k, 255 void).
 
 Training (not used by the paper, provided because the reference has it): :class:`RefDavisDataset` is the
-Ref-YouTube-VOS training dataset over ``train/`` with the DAVIS clip sampling: the neighbour step of section 1.7 is
-always drawn, also for T = 1, where the sorted first entry (not necessarily the anchor) is used, as in the
-reference. Category ids index the sorted category names found in the converted ``meta.json`` files (the
-reference's 78-class list is not distributed with the data; ids only matter for non-binary runs).
+Ref-YouTube-VOS training dataset over ``train/`` with the DAVIS clip sampling: the neighbour step (a frame 1-3
+before and one 1-3 after the anchor) is always drawn, also for T = 1, where the sorted first entry (not
+necessarily the anchor) is used, as in the reference. Category ids index the sorted category names found in the
+converted ``meta.json`` files (the reference's 78-class list is not distributed with the data; ids only matter
+for non-binary runs).
 
 A missing or corrupt frame or annotation raises :class:`~bifit.data.ytvos.SampleError` naming the file and the
 sequence/frame; an expression whose object is missing from ``meta.json`` is reported by the training listing

@@ -1,10 +1,11 @@
-"""JHMDB-Sentences loader (DATASETS_AND_EVAL.md sections 1.3 and 5.4) over the index written by
+"""JHMDB-Sentences loader (eval samples built as the official loader builds them) over the index written by
 :mod:`bifit.prepare.jhmdb`. Evaluation only (BIFIT evaluates the A2D model zero-shot).
 
 One sample per entry of the released metadata: the frames c - T//2 .. c + (T+1)//2 - 1 clamped into
 [1, video_total_frames] and sorted, read as ``<frame_dir>/<i:05d>.png`` (RGB), and the target of frame c:
 ``boxes`` [1, 4], ``masks`` [1, H, W] bool, ``valid`` [1], ``valid_indices`` [1], ``frames_idx`` [T] (1-based),
-``caption``, ``orig_size``, ``size``, ``image_id`` (``v_<video>_f_<frame>``); no ``labels`` (section 1.6).
+``caption``, ``orig_size``, ``size``, ``image_id`` (``v_<video>_f_<frame>``); no ``labels`` (the official JHMDB
+loader has none).
 
 A missing or corrupt frame PNG or a missing mask raises :class:`~bifit.data.ytvos.SampleError` naming the file
 and the image id; with ``skip_bad_samples`` the sample is recorded and a :class:`bifit.data.a2d.SkippedSample` is returned

@@ -1,10 +1,10 @@
-"""Clip transforms shared by the referring-video loaders (DATASETS_AND_EVAL.md section 1.5).
+"""Clip transforms shared by the referring-video loaders (the official training and eval pipelines).
 
 Every transform is a callable ``(clip, target) -> (clip, target)`` where ``clip`` is a list of T PIL images of one
-video and ``target`` is the sample dict of section 1.3 (absolute xyxy ``boxes [T, 4]``, ``masks [T, H, W]``,
+video and ``target`` is the loaders' sample dict (absolute xyxy ``boxes [T, 4]``, ``masks [T, H, W]``,
 ``valid [T]``, ``caption``, ``size``...). Geometric parameters are drawn once per clip and applied to every frame;
-photometric parameters are drawn again for every frame (quirk 21). The final ``Normalize`` stacks the clip into a
-float tensor ``[T, 3, H, W]`` and turns the boxes into normalised cxcywh.
+photometric parameters are drawn again for every frame, as the official transform does. The final ``Normalize``
+stacks the clip into a float tensor ``[T, 3, H, W]`` and turns the boxes into normalised cxcywh.
 
 Randomness comes from a ``random.Random``-like object (``random`` module by default). PyTorch reseeds the ``random``
 module in every DataLoader worker, so workers draw different augmentations. (The reference PhotometricDistort uses
@@ -41,7 +41,7 @@ LEFT_RIGHT_PLACEHOLDER = "@"
 
 @dataclass(frozen=True)
 class ResizeConfig:
-    """Scales of the training RandomSelect (section 1.5, step 3).
+    """Scales of the training RandomSelect (the official multi-scale resize and crop).
 
     Branch (a): RandomResize(scales, max_size). Branch (b): RandomResize(crop_resize_scales, no max size), then
     RandomSizeCrop(crop_min, crop_max), then RandomResize(scales, max_size).
@@ -82,7 +82,8 @@ SYNTHETIC_EVAL_SHORT_SIDE = 192  # native height of the default synthetic frames
 
 
 def swap_left_right(caption: str) -> str:
-    """Simultaneous substring swap of "left" and "right" (quirk 22: "bright" becomes "bleft")."""
+    """Simultaneous substring swap of "left" and "right", plain substring replacement as in the official flip
+    ("bright" becomes "bleft")."""
     return caption.replace("left", LEFT_RIGHT_PLACEHOLDER).replace("right", "left").replace(
         LEFT_RIGHT_PLACEHOLDER, "right"
     )
@@ -165,7 +166,7 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# photometric distortion on one float32 HWC frame, channels read as B, G, R (quirk 21)
+# photometric distortion on one float32 HWC frame, channels read as B, G, R (as the official transform reads RGB)
 
 # value picked for (b, g, r) in each hue sector, as indices into (v, p, q, t) of the usual HSV -> RGB formula
 _HSV_SECTORS = np.asarray([(1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0)])
@@ -197,12 +198,12 @@ def hsv_to_bgr(img: np.ndarray) -> np.ndarray:
 
 
 def wrap_to_uint8(img: np.ndarray) -> np.ndarray:
-    """Truncating cast to uint8 without clipping: out-of-range values wrap modulo 256 (quirk 21)."""
+    """Truncating cast to uint8 without clipping: out-of-range values wrap modulo 256, as in the official transform."""
     return (np.trunc(img).astype(np.int64) & 0xFF).astype(np.uint8)
 
 
 class PhotometricDistort:
-    """SSD-style photometric distortion, drawn independently for each frame (section 1.5, step 2)."""
+    """SSD-style photometric distortion, drawn independently for each frame as the official transform does."""
 
     permutations = tuple(itertools.permutations(range(3)))
 
@@ -298,8 +299,8 @@ class RandomResize:
 class RandomSizeCrop:
     """One random region for the whole clip: width in [min, min(W, max)], height in [min, min(H, max)].
 
-    Where the image is smaller than ``min_size`` the lower bound drops to the image side (the reference would raise;
-    pitfall 24).
+    Where the image is smaller than ``min_size`` the lower bound drops to the image side (the reference would raise
+    on the empty random range).
     """
 
     def __init__(self, min_size: int, max_size: int, rng=None):

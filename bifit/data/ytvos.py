@@ -1,16 +1,18 @@
-"""Ref-YouTube-VOS loader (DATASETS_AND_EVAL.md sections 1.3, 1.7 and 2.2-2.6).
+"""Ref-YouTube-VOS loader (training and inference samples as the official code builds them).
 
 Training: one sample per (video, expression, anchor frame f in {0, T, 2T, ...} < L), a clip sampled around the
-anchor (section 1.7), the mask of every sampled frame is ``png == int(obj_id)``, the box its tight xyxy extent with
-inclusive x2/y2, ``valid`` 1 where the mask is non-empty. A clip with no valid frame after the transforms (the object
-cropped away, absent from the sampled frames, or in no annotation PNG at all) is replaced by a random other sample,
-as in the reference; each redraw is counted (``dataset.redrawn`` in this process, and ``target["redrawn_samples"]``
-on the item served, which :func:`bifit.engine.train_one_epoch` sums) and warned about once per sample.
+anchor (:func:`sample_clip_indices`), the mask of every sampled frame is ``png == int(obj_id)``, the box its
+tight xyxy extent with inclusive x2/y2, ``valid`` 1 where the mask is non-empty. A clip with no valid frame after
+the transforms (the object cropped away, absent from the sampled frames, or in no annotation PNG at all) is
+replaced by a random other sample, as in the reference; each redraw is counted (``dataset.redrawn`` in this
+process, and ``target["redrawn_samples"]`` on the item served, which :func:`bifit.engine.train_one_epoch` sums) and
+warned about once per sample.
 
-Inference: the listed valid videos are the valid meta minus the test meta (section 2.4); every expression of a video
-is run on the whole video, resized so the shorter side is ``short_side`` (360 for real YTVOS). Its caption is the
-expression exactly as written in the meta (capitals and spacing kept), as the official inference feeds it; only
-training captions are lower-cased and whitespace-collapsed.
+Inference: the listed valid videos are the valid meta minus the test meta (the competition's valid meta also
+lists the test videos, which cannot be scored); every expression of a video is run on the whole video, resized so
+the shorter side is ``short_side`` (360 for real YTVOS). Its caption is the expression exactly as written in the
+meta (capitals and spacing kept), as the official inference feeds it; only training captions are lower-cased and
+whitespace-collapsed.
 
 Bad data raises :class:`SampleError` naming the file, the sample id and the reason. With ``skip_bad_samples=True``
 the dataset logs a warning, records ``{"file", "id", "reason", "index"}`` in ``dataset.skipped`` and serves the next
@@ -40,10 +42,12 @@ from torch.utils.data import Dataset
 
 from bifit.data.collate import normalize_text
 from bifit.data.transforms import Compose, Normalize, make_video_eval_transform
+from bifit.fsutil import component_problem
+from bifit.prepare.sources import YTVOS_PAGE
 
 log = logging.getLogger(__name__)
 
-# YTVOS category ids 0..64, alphabetical (section 1.6)
+# YTVOS category ids 0..64, alphabetical (the official class list; used only by non-binary runs)
 YTVOS_CATEGORIES = (
     "airplane", "ape", "bear", "bike", "bird", "boat", "bucket", "bus", "camel", "cat", "cow", "crocodile", "deer",
     "dog", "dolphin", "duck", "eagle", "earless_seal", "elephant", "fish", "fox", "frisbee", "frog", "giant_panda",
@@ -154,7 +158,8 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def sample_clip_indices(anchor: int, length: int, num_frames: int, rng=_random) -> list[int]:
-    """Clip positions around ``anchor`` in a video of ``length`` frames (section 1.7); sorted, repeats allowed."""
+    """Clip positions around ``anchor`` in a video of ``length`` frames, sampled as the official loaders do: the
+    anchor, a neighbour 1-3 frames before and after, then random other frames; sorted, repeats allowed."""
     idx = [anchor]
     if num_frames != 1:
         before, after = rng.randint(1, 3), rng.randint(1, 3)
@@ -206,13 +211,16 @@ class TrainSample:
 
 
 def video_ids(root: Path, split: str, exclude_test: bool = True) -> list[str]:
-    """Videos of ``meta_expressions/<split>``; for "valid" minus those of ``meta_expressions/test`` (section 2.4)."""
+    """Videos of ``meta_expressions/<split>``; for "valid" minus those of ``meta_expressions/test`` (the valid meta
+    also lists the test videos, which cannot be scored)."""
     videos = read_videos(expressions_path(root, split))
     if split == "valid" and exclude_test:
         test_path = expressions_path(root, "test")
         if not test_path.is_file():
             raise FileNotFoundError(f"{test_path}: missing; the valid split is the valid meta minus the test meta "
-                                    "(section 2.4), so the test meta_expressions.json is required")
+                                    "(the competition's valid meta also lists the test videos), so the test "
+                                    f"meta_expressions.json is required: download it from {YTVOS_PAGE} with the "
+                                    "train and valid ones and put it there")
         return sorted(set(videos) - set(read_videos(test_path)))
     return list(videos)
 
@@ -220,6 +228,9 @@ def video_ids(root: Path, split: str, exclude_test: bool = True) -> list[str]:
 def video_entry_problem(path: Path, vid: str, entry) -> SampleError | None:
     """A meta_expressions video entry must hold a non-empty list of frame names and a mapping of expressions."""
     sid = f"video {vid}"
+    if why := component_problem(vid):
+        return SampleError(path, sid, f"video id {vid!r} cannot be a folder name ({why}); ids and frame names in the "
+                                      "metadata become paths")
     if not isinstance(entry, dict):
         return SampleError(path, sid, f"expected an object with 'frames' and 'expressions', got {type(entry).__name__}")
     frames = entry.get("frames")
@@ -228,14 +239,22 @@ def video_entry_problem(path: Path, vid: str, entry) -> SampleError | None:
         return SampleError(path, sid, f"'frames' must be a list of frame-name strings, found {what}")
     if not frames:
         return SampleError(path, sid, "video has zero frames ('frames' is empty)")
+    for frame in frames:
+        if why := component_problem(frame):
+            return SampleError(path, sid, f"frame name {frame!r} cannot be a file name ({why}); ids and frame names "
+                                          "in the metadata become paths")
     if not isinstance(entry.get("expressions"), dict):
         what = "missing" if entry.get("expressions") is None else f"a {type(entry['expressions']).__name__}"
         return SampleError(path, sid, f"'expressions' must map exp_id strings to objects, found {what}")
     return None
 
 
-def expression_problem(path: Path, sid: str, exp, need_obj_id: bool) -> SampleError | None:
-    """An expression must be an object with a non-empty 'exp' string (and an 'obj_id' in training metas)."""
+def expression_problem(path: Path, sid: str, exp, need_obj_id: bool, exp_id: str = "0") -> SampleError | None:
+    """An expression must be an object with a non-empty 'exp' string (and an 'obj_id' in training metas); its
+    exp_id names the prediction folder, so it must be one path component."""
+    if why := component_problem(exp_id):
+        return SampleError(path, sid, f"exp_id {exp_id!r} cannot be a folder name ({why}); predictions are written "
+                                      "to <video>/<exp_id>/")
     if not isinstance(exp, dict):
         return SampleError(path, sid, f"expected an object with 'exp', got {type(exp).__name__}")
     text = exp.get("exp")
@@ -271,7 +290,7 @@ def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequ
         for exp_id, exp in expressions[vid]["expressions"].items():
             obj_id = str(exp.get("obj_id")) if isinstance(exp, dict) else "?"
             sid = f"video {vid} exp_id {exp_id} obj_id {obj_id}"
-            problem = expression_problem(exp_path, sid, exp, need_obj_id=True)
+            problem = expression_problem(exp_path, sid, exp, need_obj_id=True, exp_id=exp_id)
             if problem:
                 problems.append(problem)
                 continue
@@ -296,7 +315,7 @@ def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequ
 
 
 class YTVOSDataset(Dataset):
-    """Ref-YouTube-VOS training clips: ``(imgs [T, 3, H, W], target)`` per section 1.3.
+    """Ref-YouTube-VOS training clips: ``(imgs [T, 3, H, W], target)``.
 
     ``target`` keys: ``frames_idx`` [T] long, ``labels`` [T] long (category ids), ``boxes`` [T, 4] (normalised
     cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32, ``caption``, ``orig_size`` and
@@ -534,7 +553,7 @@ def inference_expressions(root, split: str = "valid", videos: Sequence[str] | No
             raise KeyError(f"{path}: no video {vid!r}")
         problem = video_entry_problem(path, vid, meta[vid]) or next(
             (p for e, x in meta[vid]["expressions"].items()
-             if (p := expression_problem(path, f"video {vid} exp_id {e}", x, need_obj_id=False))), None)
+             if (p := expression_problem(path, f"video {vid} exp_id {e}", x, need_obj_id=False, exp_id=e))), None)
         if problem:
             raise problem
         for exp_id, exp in meta[vid]["expressions"].items():

@@ -1,7 +1,7 @@
 """A2D-Sentences / JHMDB-Sentences metrics, value-for-value as the official code computes them.
 
 The official procedure (BIFIT ``engine.evaluate_a2d`` + ``datasets/a2d_eval.py``, GT JSON from MTTR's
-``create_gt_in_coco_format.py``; see shared/golden/README.md section 2 and DATASETS_AND_EVAL.md 4.6, 4.7, 6.2):
+``create_gt_in_coco_format.py``):
 
 - one GT image and one GT annotation per sample, ``image_id`` a string, ``category_id`` 1;
 - every query of every sample is submitted as a COCO detection (RLE of the binary mask, score = float(float32));

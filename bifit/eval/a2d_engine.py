@@ -1,12 +1,13 @@
-"""A2D-Sentences / JHMDB-Sentences inference and scoring (DATASETS_AND_EVAL.md sections 4.5-4.7, 5.4, 6.2).
+"""A2D-Sentences / JHMDB-Sentences inference and scoring, following the official protocol.
 
 Batched centred-clip inference: each sample is a T-frame clip around its annotated frame with ``valid_indices``;
-the model runs on the annotated frame (pitfall 19). The official post-processing per sample: a score per query
-``sigmoid(pred_logits[:, 0, :, 0])``; every query's mask logits upsampled x4 bilinearly in the padded batch
-space, ``sigmoid > 0.5`` (hard-coded, ``eval.threshold`` does not apply), cropped to the resized size and
-resized to the original size with nearest neighbour (:func:`bifit.models.postprocess.a2d_masks`). Inference runs
-on the model's device, batches pinned there when it is a GPU; ``eval.amp`` runs the forward pass under bfloat16
-autocast and the outputs are read in float32 (scores and masks are never decided in bfloat16).
+the model runs on the annotated frame alone (the official model keeps only its features after the per-frame
+backbone). The official post-processing per sample: a score per query ``sigmoid(pred_logits[:, 0, :, 0])``; every
+query's mask logits upsampled x4 bilinearly in the padded batch space, ``sigmoid > 0.5`` (hard-coded,
+``eval.threshold`` does not apply), cropped to the resized size and resized to the original size with nearest
+neighbour (:func:`bifit.models.postprocess.a2d_masks`). Inference runs on the model's device, batches pinned there
+when it is a GPU; ``eval.amp`` runs the forward pass under bfloat16 autocast and the outputs are read in float32
+(scores and masks are never decided in bfloat16).
 
 Scoring is :mod:`bifit.eval.a2d`: the GT is the COCO GT JSON of the preprocess stage; P@K, overall and mean IoU
 use the highest-scoring query; mAP comes in two protocols:

@@ -1,6 +1,6 @@
 """DAVIS-2017 region (J) and boundary (F) measures, exactly as the official davis2017 toolkit computes them.
 
-Definitions (toolkit semantics, see DATASETS_AND_EVAL.md 6.1 and shared/golden/README.md):
+Definitions (toolkit semantics):
 
 - J = |(P & G) & ~V| / |(P | G) & ~V|, and 1 when that union is 0.
 - F: both masks lose the void pixels first (P' = P & ~V, G' = G & ~V). Boundary maps come from the toolkit's

@@ -2,7 +2,7 @@
 
     python -m bifit.eval.parity FILE.npz [FILE2.npz ...] [--tol 1e-6]
 
-The format of each file (the DAVIS or the A2D metric golden, layout in shared/golden/README.md) is read from its
+The format of each file (the DAVIS or the A2D metric golden, as in ``tests/golden/``) is read from its
 ``kind`` entry, or recognised from its keys. Everything is derived from the file (sequence names, sizes, frame,
 annotator, sample and query counts), so other files of the same layout work too.
 

@@ -1,4 +1,4 @@
-"""Ref-DAVIS17 inference engine and evaluation (DATASETS_AND_EVAL.md sections 3.5, 3.6 and 6.1).
+"""Ref-DAVIS17 inference engine and evaluation, following the official protocol.
 
 Per sequence and per annotator column a (``anno_<a>``), every object k is segmented with its expression 4k + a:
 
@@ -13,10 +13,10 @@ Per sequence and per annotator column a (``anno_<a>``), every object k is segmen
 
 Evaluation is the toolkit's unsupervised protocol run once per annotator on the sequence list, each run reduced
 to the toolkit's global table, and the four tables averaged (:func:`bifit.eval.davis.global_table`); that mean is
-the reported Ref-DAVIS17 number. Results are always recomputed (the toolkit's cached CSVs, pitfall 11, are written
-for reference but never read). There is no per-expression score: the GT is the *unsupervised* annotation set,
-whose object ids are not the objects the expressions refer to, so "label k + 1 against GT id obj_id" would score
-unrelated objects on the real data.
+the reported Ref-DAVIS17 number. Results are always recomputed (the toolkit reuses its CSVs when they exist,
+reporting stale numbers; ours are written for reference but never read). There is no per-expression score: the GT
+is the *unsupervised* annotation set, whose object ids are not the objects the expressions refer to, so "label
+k + 1 against GT id obj_id" would score unrelated objects on the real data.
 
 Each expression reaches the tokenizer as written in the meta (the official inference does not normalise).
 """

@@ -1,4 +1,4 @@
-"""Ref-YouTube-VOS evaluation (DATASETS_AND_EVAL.md sections 2.6 and 6.1), the one evaluator of the evaluate
+"""Ref-YouTube-VOS evaluation, the one evaluator of the evaluate
 stages (``evaluate@ytvos``, ``evaluate@ytvos_proxy``), the sweep's trials and the notebooks.
 
 - **Inference**: every expression of a video runs on the whole video (:func:`bifit.inference.predict_video`;

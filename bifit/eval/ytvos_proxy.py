@@ -1,8 +1,8 @@
 """Local proxy evaluation for Ref-YouTube-VOS: a fixed held-out part of the training videos, scored with J&F.
 
 The official valid split has no public ground truth and the challenge server has stopped accepting submissions
-(DATASETS_AND_EVAL.md 2.7, pitfall 30). Runs can still be compared locally on training videos that the model
-did not see:
+(reported after its CodaLab migration, skynbe/Refer-Youtube-VOS issues 7-9). Runs can still be compared locally
+on training videos that the model did not see:
 
 - **The list.** Of the N training videos (of ``meta_expressions/train``), the n = round(fraction x N) (at least
   1, at most N - 1) with the smallest ``sha1("bifit/ref-youtube-vos/proxy/v1/" + video_id)`` are held out,
@@ -15,8 +15,8 @@ did not see:
   elsewhere on all training videos (the released ``ytvos_r50.pth`` included) has seen them: its proxy score is
   optimistic and is not comparable with the server's valid numbers.
 - **The score.** Every expression of every held-out video is segmented and scored by the Ref-YouTube-VOS
-  evaluator (:mod:`bifit.eval.ytvos`): the inference protocol of section 2.6 (the whole video, one query for all
-  frames, sigmoid > 0.5, original size), J and F (section 6.1, no void) averaged over the frames of the
+  evaluator (:mod:`bifit.eval.ytvos`): the official inference protocol (the whole video, one query for all
+  frames, sigmoid > 0.5, original size), DAVIS J and F (no void) averaged over the frames of the
   expression, then over expressions; J&F = (J + F) / 2. This is how the server averages the valid split, applied
   to local GT. The videos come from the training split but the protocol is inference: each expression reaches the
   tokenizer as written in the meta, like valid inference, not lower-cased as the training loader gives it.

@@ -1,9 +1,10 @@
-"""A2D-Sentences preparation (DATASETS_AND_EVAL.md sections 4.2, 4.3): instance masks, the COCO ground truth
-for mAP and sample indices, all from the official ``.h5`` annotations.
+"""A2D-Sentences preparation: instance masks, the COCO ground truth for mAP and sample indices, all from the
+official ``.h5`` annotations.
 
     preprocess(raw_root, out_root) -> summary dict
 
-Reads ``raw_root`` (the layout of section 4.2) and writes ``out_root``::
+Reads ``raw_root`` (the released layout: ``Release/clips320H/*.mp4``, ``Release/videoset.csv``,
+``text_annotations/`` and MTTR's JSON files; see :mod:`bifit.prepare.sources`) and writes ``out_root``::
 
     index_train.json, index_test.json   {"dataset", "split", "raw_root" (relative to out_root), "samples": [...]};
                                         one sample per entry of the single-frame JSON, with its image_id, video
@@ -15,7 +16,7 @@ Reads ``raw_root`` (the layout of section 4.2) and writes ``out_root``::
     summary.json                        the returned summary
 
 The single-frame JSONs released by MTTR are used when present (preferred: they define the benchmark); otherwise
-they are regenerated with MTTR's procedure (section 4.3) from videoset.csv, a2d_annotation.txt,
+they are regenerated with MTTR's procedure from videoset.csv, a2d_annotation.txt,
 a2d_missed_videos.txt and the .h5 files, and written to ``out_root``. When the released COCO GT is present it
 is compared with the rebuilt one (same image ids, same RLE masks) and a difference is an error.
 
@@ -45,7 +46,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from bifit.data.ytvos import SampleError
-from bifit.fsutil import replace_dir
+from bifit.fsutil import component_problem, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def compare_coco_gt(released_path: Path, ours: dict, skipped_ids: set[str]) -> i
 def read_h5(path: Path, sample_id: str) -> tuple[list[int], np.ndarray, np.ndarray]:
     """One A2D annotation file -> (instance ids, masks [N, H, W] bool, boxes [N, 4] x1, y1, x2, y2).
 
-    reMask is stored transposed, (N, W, H), and as a single (W, H) array when N = 1 (section 4.3).
+    reMask is stored transposed, (N, W, H), and as a single (W, H) array when N = 1.
     """
     try:
         with h5py.File(path, "r") as f:
@@ -220,6 +221,8 @@ def read_videoset(path: Path) -> dict[str, int]:
                     continue
                 if len(row) != 9 or row[8].strip() not in ("0", "1"):
                     raise ValueError(f"{path}:{line}: expected 9 columns ending with subset 0/1, got {row}")
+                if why := component_problem(row[0]):
+                    raise ValueError(f"{path}:{line}: video id {row[0]!r} cannot be a folder name ({why})")
                 out[row[0]] = int(row[8])
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path}: missing (needed to regenerate the single-frame JSONs)") from err
@@ -281,6 +284,8 @@ def read_single_frame_json(path: Path) -> list[tuple[str, str, int, int]]:
         if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in e[2:]):
             raise ValueError(f"{path}: entry {k} is {e!r}, expected [query, video_id, frame_idx (int, 1-based), "
                              "instance_id (int)]")
+        if why := component_problem(e[1]):
+            raise ValueError(f"{path}: entry {k}: video_id {e[1]!r} cannot be a folder name ({why})")
         out.append((e[0], e[1], e[2], e[3]))
     return out
 
@@ -364,8 +369,9 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
     """Prepare A2D-Sentences from ``raw_root`` into ``out_root`` (replaced atomically). Returns the summary."""
     raw_root, out_root = Path(raw_root).resolve(), Path(out_root)
     if not raw_root.is_dir():
-        raise FileNotFoundError(f"{raw_root}: A2D-Sentences root not found (expected the layout of "
-                                "DATASETS_AND_EVAL.md section 4.2)")
+        raise FileNotFoundError(f"{raw_root}: A2D-Sentences root not found (expected Release/clips320H/*.mp4, "
+                                "Release/videoset.csv, text_annotations/ and the MTTR JSON files there; "
+                                "the download stage prints where each comes from)")
     start = time.perf_counter()
     tmp = out_root.parent / f".{out_root.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

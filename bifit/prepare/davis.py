@@ -1,9 +1,9 @@
-"""Ref-DAVIS17 -> Ref-YouTube-VOS-style layout (DATASETS_AND_EVAL.md sections 3.2-3.4), non-destructive.
+"""Ref-DAVIS17 -> Ref-YouTube-VOS-style layout, as the official converter writes it, non-destructive.
 
     convert_ref_davis(raw_root, out_root) -> summary
 
-``raw_root`` holds the extracted downloads (``DAVIS/`` and ``davis_text_annotations/``, section 3.3). The reference
-tool *moves* the sequence folders out of ``DAVIS/`` (so the zip has to be extracted a second time, pitfall 12);
+``raw_root`` holds the extracted downloads (``DAVIS/`` and ``davis_text_annotations/``). The reference
+tool *moves* the sequence folders out of ``DAVIS/`` (so the zip has to be extracted a second time);
 here every frame and annotation is hard-linked (copied where links are impossible), so ``DAVIS/`` stays intact
 and can be used by the evaluator as it is. ``out_root`` receives (replaced atomically)::
 
@@ -42,7 +42,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from bifit.fsutil import replace_dir
+from bifit.fsutil import component_problem, replace_dir
+from bifit.prepare.sources import DAVIS_TEXT_PAGE
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def parse_annotation_line(line: str, path, number: int) -> TextEntry | None:
     if len(tokens) < 3:
         raise ConversionError(f"{path}:{number}: expected '<video> <obj_id> \"<sentence>\"', got {line.strip()!r}")
     video = RENAMES.get(tokens[0], tokens[0])
+    for what, value in (("video", video), ("obj_id", tokens[1])):
+        if why := component_problem(value):
+            raise ConversionError(f"{path}:{number}: {what} {value!r} cannot be a folder name ({why}); it becomes a "
+                                  "path of the converted dataset")
     return TextEntry(video, tokens[1], " ".join(tokens[2:])[1:-1])
 
 
@@ -94,7 +99,8 @@ def read_annotation_file(path, encoding: str) -> dict[str, list[TextEntry]]:
         text = path.read_bytes().decode(encoding)
     except FileNotFoundError as err:
         raise ConversionError(f"{path}: missing Ref-DAVIS17 text annotation file (from "
-                              "davis_text_annotations.zip, section 3.1)") from err
+                              f"davis_text_annotations.zip: download it by hand from {DAVIS_TEXT_PAGE} and "
+                              "extract it in the dataset root)") from err
     except UnicodeDecodeError as err:
         raise ConversionError(f"{path}: not valid {encoding} ({err})") from err
     by_video: dict[str, list[TextEntry]] = {}
@@ -169,7 +175,7 @@ def _frame_size(path: Path) -> tuple[int, int]:
 
 
 def convert_ref_davis(raw_root, out_root, *, progress: bool = True) -> dict:
-    """Convert ``raw_root`` (section 3.3 downloads) into ``out_root`` (module docstring); returns the summary."""
+    """Convert ``raw_root`` (the extracted downloads) into ``out_root`` (module docstring); returns the summary."""
     raw_root, out_root = Path(raw_root).resolve(), Path(out_root)
     start = time.perf_counter()
     columns = [read_annotation_file(raw_root / TEXT_DIR / f, enc)
@@ -199,7 +205,7 @@ def convert_ref_davis(raw_root, out_root, *, progress: bool = True) -> dict:
                     lengths = [len(c) for c in per_column]
                     if len(set(lengths)) > 1:
                         notes.append(f"{seq}: annotator lists of lengths {lengths}; kept the first {min(lengths)} "
-                                     "objects (zip stops at the shortest, section 3.4)")
+                                     "objects (zip stops at the shortest, as in the reference converter)")
                     if max(lengths) == 0:
                         notes.append(f"{seq}: no referring expressions in the text annotations")
                     expressions, n_obj = video_expressions(per_column)

@@ -1,12 +1,12 @@
-"""JHMDB-Sentences preparation (DATASETS_AND_EVAL.md sections 5.2-5.4): GT masks from the puppet ``.mat`` files,
-the COCO ground truth for mAP and the sample index.
+"""JHMDB-Sentences preparation: GT masks from the puppet ``.mat`` files, the COCO ground truth for mAP and the
+sample index.
 
     preprocess(raw_root, out_root) -> summary dict
 
 The evaluation set is fixed by the released ``jhmdb_sentences_samples_metadata.json`` (3 frames per video that MTTR
 drew at random; regenerating it changes the benchmark, so it is required, never rebuilt). Its paths start with
 ``./jhmdb_sentences/``; they are resolved against ``raw_root`` (the reference joins them onto a fixed ``data``
-folder, pitfall 2). Writes ``out_root``::
+folder, whatever root is configured). Writes ``out_root``::
 
     index.json              {"dataset", "split": "test", "raw_root" (relative to out_root), "samples": [...]}
     masks/<video>/<frame:05d>.png   part_mask[..., frame - 1] ("L", 0/255)
@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bifit.data.ytvos import SampleError
-from bifit.fsutil import replace_dir
+from bifit.fsutil import component_problem, relative_path_problem, replace_dir
 from bifit.prepare.a2d import (
     SKIPPED_NAME,
     SkipRecorder,
@@ -46,6 +46,7 @@ from bifit.prepare.a2d import (
     warn_size_mismatch,
     write_mask_png,
 )
+from bifit.prepare.sources import JHMDB_JSON_PAGE
 
 METADATA_JSON = "jhmdb_sentences_samples_metadata.json"
 COCO_GT_JSON = "jhmdb_sentences_gt_annotations_in_coco_format.json"
@@ -76,8 +77,8 @@ def read_metadata(path: Path) -> list[tuple[str, str, str, int, str]]:
         entries = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path}: missing. The JHMDB-Sentences evaluation set is defined by MTTR's released "
-                                "metadata file (3 fixed frames per video); place it there (DATASETS_AND_EVAL.md "
-                                "5.1), do not regenerate it") from err
+                                f"metadata file (3 fixed frames per video): download it from {JHMDB_JSON_PAGE} and "
+                                "place it there; do not regenerate it") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err})") from err
     if not isinstance(entries, list):
@@ -89,6 +90,11 @@ def read_metadata(path: Path) -> list[tuple[str, str, str, int, str]]:
         if not ok or not isinstance(e[3], int) or isinstance(e[3], bool):
             raise ValueError(f"{path}: entry {k} is {e!r}, expected [video_id, chosen_frame_path, masks_path, "
                              "video_total_frames (int), query]")
+        if why := component_problem(e[0]):
+            raise ValueError(f"{path}: entry {k}: video_id {e[0]!r} cannot be a folder name ({why})")
+        for field, value in (("chosen_frame_path", e[1]), ("masks_path", e[2])):
+            if why := relative_path_problem(value):
+                raise ValueError(f"{path}: entry {k}: {field} {value!r} must stay inside the dataset root ({why})")
         out.append(tuple(e))
     return out
 

@@ -1,5 +1,5 @@
-"""Where the four benchmarks come from and what a complete download looks like (DATASETS_AND_EVAL.md 2.1, 3.1,
-4.1, 4.2, 5.1, 5.2; all paths relative to the dataset root).
+"""Where the four benchmarks come from and what a complete download looks like (all paths relative to the
+dataset root).
 
 For every dataset: the files to obtain (:class:`SourceFile`: a direct URL when the file is publicly fetchable,
 otherwise the page to download it from by hand, and where to put it), the archives among them and the folder
@@ -9,7 +9,8 @@ counts where the release fixes the number, minimums where official copies legiti
 :func:`instructions` renders the "place these files there" text printed by the download stage.
 
 The URLs are the ones the official docs and MTTR's preparation script give; several are reported dead or moved
-(pitfall 30). Nothing here downloads; :func:`fetch` does, only for files with a URL and only when asked.
+(the JHMDB release files, the Ref-YouTube-VOS competition). Nothing here downloads; :func:`fetch` does, only for
+files with a URL and only when asked.
 """
 
 from __future__ import annotations

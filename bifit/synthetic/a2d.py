@@ -1,4 +1,4 @@
-"""A tiny synthetic A2D-Sentences in the official on-disk format (DATASETS_AND_EVAL.md section 4).
+"""A tiny synthetic A2D-Sentences in the official on-disk format.
 
 The scenes are the moving shapes of :mod:`bifit.synthetic` (same expression grammar, so the embedded text
 encoder covers them). Each synthetic object is an A2D "instance" (instance id = obj_id - 1, 0-based like A2D).

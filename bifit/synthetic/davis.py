@@ -1,4 +1,4 @@
-"""A tiny synthetic Ref-DAVIS17 written as the three official downloads (DATASETS_AND_EVAL.md sections 3.1-3.4).
+"""A tiny synthetic Ref-DAVIS17 written as the three official downloads.
 
 The scenes are the moving shapes of :mod:`bifit.synthetic` (same expression grammar, so the embedded text
 encoder covers them). ``generate_ref_davis(cfg, folder)`` writes into ``folder``::
@@ -20,14 +20,14 @@ so that the download stage (safe extraction) and the conversion of :mod:`bifit.p
 the real files. The quirks of the real release are reproduced on purpose:
 
 - object ids are numbered in order of first appearance, so an object that enters after the first frame may lie
-  beyond the first frame's largest id and is then not a GT object of the unsupervised protocol (section 6.1);
+  beyond the first frame's largest id and is then not a GT object of the unsupervised protocol;
 - a 1-pixel ring of void (255) around object 1 in every third frame;
 - the text files spell three sequences wrongly (``clasic-car``, ``dog-scale``, ``motor-bike``) when sequences of
   those names exist (the first train sequences are named ``classic-car``, ``dogs-scale``, ``motorbike``);
 - the annotator-2 files are latin-1 and one sentence holds a non-ASCII character (the first val sequence's
   first annotator-2 first-frame expression ends with "near the café");
 - in the last train sequence annotator 2's full-video file lacks its last object, so the four lists have different
-  lengths and the conversion keeps the shortest (section 3.4);
+  lengths and the conversion keeps the shortest;
 - both DAVIS zips carry top-level documentation files of the same names and different contents, so extracting
   them one after the other (as the official ``unzip`` instructions do) replaces the first zip's copies.
 
@@ -77,7 +77,7 @@ class SyntheticDavisConfig:
     seed: int = 7
     num_train_videos: int = 2
     num_val_videos: int = 2
-    frames_per_video: int = 26  # > 24 so the 24-frame inference clips of section 3.5 are exercised
+    frames_per_video: int = 26  # > 24 so BIFIT's 24-frame Ref-DAVIS inference clips are exercised
     height: int = 192  # multiples of 32 (the scene generator's grid); the real frames are 480 high
     width: int = 320
     jpeg_quality: int = 90

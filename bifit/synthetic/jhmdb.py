@@ -1,4 +1,4 @@
-"""A tiny synthetic JHMDB-Sentences in the official on-disk format (DATASETS_AND_EVAL.md section 5).
+"""A tiny synthetic JHMDB-Sentences in the official on-disk format.
 
 Each video is a moving-shapes scene of :mod:`bifit.synthetic`; one of its objects plays the JHMDB actor: its
 visible mask is the puppet mask and one referring expression of it is the video's sentence. Written files::

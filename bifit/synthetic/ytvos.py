@@ -8,7 +8,7 @@ Expressions combine colour, shape, size, motion direction, position ("the leftmo
 blue square left of the circle"). Every expression is checked, by construction, to pick out exactly one object of its
 video: all other objects fail the description clearly, in every frame where the spatial terms are evaluated.
 
-Layout written under ``root`` (DATASETS_AND_EVAL.md sections 2.2 and 2.3)::
+Layout written under ``root`` (the competition's layout and files)::
 
     meta_expressions/{train,valid,test}/meta_expressions.json
     train/JPEGImages/<vid>/<frame>.jpg    train/Annotations/<vid>/<frame>.png    train/meta.json
@@ -20,8 +20,9 @@ Layout written under ``root`` (DATASETS_AND_EVAL.md sections 2.2 and 2.3)::
 Differences from the real Ref-YouTube-VOS, all additive so the real loader reads the data unchanged: the real valid
 split has no public ground truth, here ``valid/Annotations`` and ``valid/meta.json`` exist and the valid
 ``meta_expressions`` entries carry ``obj_id`` so predictions can be scored locally. The valid meta lists the valid
-and the test videos, and the test meta lists the test videos (the valid-minus-test filter of section 2.4 applies).
-Categories in ``meta.json`` are the shape names (``SYNTHETIC_CATEGORIES``), not the 65 YTVOS classes.
+and the test videos, and the test meta lists the test videos (so the valid split is the valid meta minus the test
+meta, as for the real data). Categories in ``meta.json`` are the shape names (``SYNTHETIC_CATEGORIES``), not
+the 65 YTVOS classes.
 
 Everything is deterministic in ``SyntheticConfig.seed``: each video draws from its own generator seeded by
 ``(seed, split, index)``, and the written bytes are identical across runs.

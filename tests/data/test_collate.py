@@ -1,4 +1,4 @@
-"""Batch padding (section 1.4), text normalisation and tokenisation (section 1.2), and the offline text encoder."""
+"""Batch padding, text normalisation and tokenisation, and the offline text encoder."""
 
 import json
 

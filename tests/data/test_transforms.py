@@ -1,4 +1,4 @@
-"""Clip transforms of section 1.5 and their quirks."""
+"""Clip transforms of the official pipelines and their quirks."""
 
 import random
 

@@ -98,6 +98,13 @@ def object_without_mask(root: Path) -> str:
     return vid
 
 
+def video_id_outside_the_root(root: Path) -> str:
+    """A video id that, used as a folder name, would read (and at inference write) two levels above the dataset."""
+    outside = "../../outside"
+    _edit_json(root, EXP_JSON, lambda v, vid: v.__setitem__(outside, v.pop(vid)))
+    return outside
+
+
 def non_utf8_text(root: Path) -> str:
     path = root / EXP_JSON
     vid = _first_video(root)
@@ -140,6 +147,17 @@ CORRUPT_DATASETS = [
     DatasetCase("expression with a lone surrogate", lambda r: _edit_json(
         r, EXP_JSON, lambda v, vid: v[vid]["expressions"]["0"].update(exp="the \ud800 cat")),
                 r"meta_expressions\.json: 'exp' is not valid Unicode text \(lone surrogate escape\)", "listing"),
+    DatasetCase("video id with path separators", video_id_outside_the_root,
+                r"meta_expressions\.json: video id '\.\./\.\./outside' cannot be a folder name \(it contains a path "
+                r"separator\); ids and frame names in the metadata become paths \[video \.\./\.\./outside\]", "listing"),
+    DatasetCase("frame name climbing out of the video folder", lambda r: _edit_json(
+        r, EXP_JSON, lambda v, vid: v[vid]["frames"].__setitem__(0, "..")),
+                r"meta_expressions\.json: frame name '\.\.' cannot be a file name \('\.\.' names a folder itself\); ids "
+                r"and frame names in the metadata become paths \[video {vid}\]", "listing"),
+    DatasetCase("exp_id with a path separator", lambda r: _edit_json(
+        r, EXP_JSON, lambda v, vid: v[vid]["expressions"].__setitem__("x/../../y", v[vid]["expressions"].pop("0"))),
+                r"meta_expressions\.json: exp_id 'x/\.\./\.\./y' cannot be a folder name \(it contains a path "
+                r"separator\); predictions are written to <video>/<exp_id>/ \[video {vid} exp_id x/\.\./\.\./y", "listing"),
     DatasetCase("video with zero frames", lambda r: _edit_json(r, EXP_JSON, lambda v, vid: v[vid].update(frames=[])),
                 r"meta_expressions\.json: video has zero frames \('frames' is empty\) \[video {vid}\]", "listing"),
     DatasetCase("expression -> object id missing from meta.json", lambda r: _edit_json(
