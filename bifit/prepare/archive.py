@@ -157,9 +157,13 @@ def _tar_members(archive: Path, tf: tarfile.TarFile) -> Iterator[Member]:
             raise ArchiveError(archive, info.name, "device, FIFO or other special member refused")
 
 
-def _resolve_link(name: str, target: str) -> str | None:
-    """The archive-relative path a symlink at ``name`` points to, or None if it leaves the archive root."""
-    if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
+def _resolve_link(name: str, target: str, links: dict[str, str] | None = None, depth: int = 0) -> str | None:
+    """The archive-relative path a symlink at ``name`` points to, or None if it leaves the archive root.
+
+    ``links`` (the archive's symlink members, name -> stored target) are followed where the path passes through one,
+    as the filesystem will once they are extracted: ``a/l -> ..`` then ``m -> a/l/..`` leaves the root although each
+    is harmless on its own. A chain deeper than 40 links (a loop) counts as leaving."""
+    if target.startswith("/") or (len(target) > 1 and target[1] == ":") or depth > 40:
         return None
     parts = list(PurePosixPath(name).parent.parts)
     for p in target.replace("\\", "/").split("/"):
@@ -169,8 +173,14 @@ def _resolve_link(name: str, target: str) -> str | None:
             if not parts:
                 return None
             parts.pop()
-        else:
-            parts.append(p)
+            continue
+        parts.append(p)
+        here = "/".join(parts)
+        if links and here in links:  # through another link: continue from where that one points
+            resolved = _resolve_link(here, links[here], links, depth + 1)
+            if resolved is None:
+                return None
+            parts = resolved.split("/") if resolved else []
     return "/".join(parts)
 
 
@@ -179,13 +189,14 @@ def check_members(archive: Path, members: list[Member], limits: ExtractLimits) -
     if len(members) > limits.max_members:
         raise ArchiveError(archive, None, f"{len(members)} members, more than the limit {limits.max_members}")
     seen: dict[str, str] = {}
+    links = {m.name: m.link or "" for m in members if m.kind == "symlink"}  # all of them: any order on disk
     total = 0
     for m in members:
         if m.name in seen and not (m.kind == "dir" and seen[m.name] == "dir"):
             raise ArchiveError(archive, m.name, "appears twice in the archive; the second copy would overwrite "
                                                 "the first")
         if m.kind == "symlink":
-            if _resolve_link(m.name, m.link or "") is None:
+            if _resolve_link(m.name, m.link or "", links) is None:
                 raise ArchiveError(archive, m.name, f"symbolic link to {m.link!r} leaves the target folder")
         elif m.kind == "hardlink":
             source = safe_name(archive, m.link or "")
@@ -404,6 +415,10 @@ class _Writer:
             if final.exists() or final.is_symlink():
                 raise ArchiveError(self.archive, m.name, f"{final} exists; refusing to replace it with a link")
             os.symlink(m.link, final)
+            if not final.resolve().is_relative_to(self.target_real):  # through links already in the target
+                final.unlink()
+                raise ArchiveError(self.archive, m.name, f"symbolic link to {m.link!r} leaves the target folder "
+                                                         "through a link already there")
         self.report.links += 1
 
 

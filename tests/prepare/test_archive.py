@@ -85,6 +85,42 @@ def test_symlinks_leaving_the_target_are_refused(tmp_path, link):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("order", ["link first", "chained link first"])
+def test_a_chain_of_links_leaving_the_target_is_refused(tmp_path, order):
+    """``a/l -> ..`` stays inside, ``m -> a/l/..`` reads as inside lexically, but on disk it is the target's parent."""
+    links = [link_info("a/l", "..", tarfile.SYMTYPE), link_info("m", "a/l/..", tarfile.SYMTYPE)]
+    members = [("a/keep.txt", b"x"), *(links if order == "link first" else links[::-1])]
+    tar = make_tar(tmp_path / "a.tar", members, mode="w")
+    zf = make_zip(tmp_path / "a.zip", [("a/keep.txt", b"x")], symlinks={"a/l": "..", "m": "a/l/.."})
+    for archive in (tar, zf):
+        with pytest.raises(ArchiveError, match=r"^.*a\.(tar|zip): member 'm' symbolic link to 'a/l/\.\.' leaves the target folder$"):
+            extract(archive, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    # the same two links with m -> a/l/keep.txt stay inside and are created
+    ok = make_tar(tmp_path / "ok.tar", [("keep.txt", b"x"), ("a/keep.txt", b"y"), link_info("a/l", "..", tarfile.SYMTYPE),
+                                         link_info("m", "a/l/keep.txt", tarfile.SYMTYPE)], mode="w")
+    extract(ok, tmp_path / "ok", progress=False)
+    assert (tmp_path / "ok" / "m").read_bytes() == b"x"
+
+
+def test_a_link_loop_is_refused(tmp_path):
+    archive = make_tar(tmp_path / "a.tar", [link_info("x", "y/z", tarfile.SYMTYPE),
+                                            link_info("y", "x", tarfile.SYMTYPE)], mode="w")
+    with pytest.raises(ArchiveError, match="symbolic link .* leaves the target folder"):
+        extract(archive, tmp_path / "out", progress=False)
+
+
+def test_a_link_leaving_through_a_link_already_in_the_target_is_refused(tmp_path):
+    target, outside = tmp_path / "out", tmp_path / "outside"
+    (target / "d").mkdir(parents=True)
+    outside.mkdir()
+    (target / "d" / "up").symlink_to(outside)  # left by an earlier, hand-made extraction
+    archive = make_tar(tmp_path / "a.tar", [link_info("m", "d/up", tarfile.SYMTYPE)], mode="w")
+    with pytest.raises(ArchiveError, match="leaves the target folder through a link already there"):
+        extract(archive, target, progress=False)
+    assert not (target / "m").is_symlink()
+
+
 def test_writing_through_a_symlink_member_is_refused(tmp_path):
     archive = make_tar(tmp_path / "a.tar", [link_info("d", ".", tarfile.SYMTYPE), ("d/file.txt", b"x")], mode="w")
     with pytest.raises(ArchiveError, match="below the symbolic link 'd'"):
