@@ -153,10 +153,15 @@ def atomic_save(obj: object, path: str | Path) -> None:
             os.unlink(tmp)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: dict, **extra) -> None:
-    """Our format: model state (our keys), the config it was trained with, and any extra entries."""
-    model = getattr(model, "module", model)
-    atomic_save({"format": OUR_FORMAT, "model": model.state_dict(), "config": config, **extra}, path)
+def save_checkpoint(path: str | Path, model: nn.Module | dict, config: dict, **extra) -> None:
+    """Our format, written atomically (:func:`atomic_save`): the model state (our keys), the config it was trained
+    with, and any extra entries (a training checkpoint's optimizer and scheduler state, epoch, step, metrics, ...).
+
+    `model`: the model (a DDP wrapper is unwrapped), or its state dict (a checkpoint read back, written again)."""
+    if "format" in extra:
+        raise TypeError(f"save_checkpoint: 'format' is set by the function ({OUR_FORMAT}), not by the caller")
+    state = model if isinstance(model, dict) else getattr(model, "module", model).state_dict()
+    atomic_save({"format": OUR_FORMAT, "model": state, "config": config, **extra}, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -34,14 +34,13 @@ import argparse
 import csv
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bifit.inference import inference_settings, resolve_device
+from pipeline import tracking
 from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config, resolve
 from pipeline.preprocess import prepared_root
 
@@ -82,22 +81,6 @@ def load_eval_model(cfg: PipelineConfig, path: Path, device: torch.device | None
     except FileNotFoundError as err:
         err.add_note("the checkpoint of an evaluation is datasets.<name>.checkpoint in params.yaml")
         raise
-
-
-def log_eval_settings(client, run_id: str, name: str, settings: dict) -> None:
-    """`<name>_eval_device` / `<name>_eval_amp` as params of an MLflow run. MLflow params cannot change: a rerun
-    computed another way records its values as tags of the same names instead, with a warning."""
-    from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
-
-    values = {f"{name}_eval_{k}": str(v) for k, v in settings.items()}
-    try:
-        client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
-    except MlflowException as err:
-        log.warning("run %s already records other evaluation settings (%s); this evaluation's are tags: %s",
-                    run_id, err, values)
-        for k, v in values.items():
-            client.set_tag(run_id, k, v)
 
 
 def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
@@ -191,38 +174,17 @@ EVALUATORS = {"ytvos": eval_ytvos, "ytvos_proxy": eval_ytvos_proxy, "davis": eva
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def mlflow_metric_name(name: str, key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"{name}_{key}").replace("@", "_at_")
-
-
 def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | None, checkpoint: Path,
                   artifacts: list[Path]) -> str:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
-    values = {mlflow_metric_name(name, k): float(v) for k, v in metrics.items()
-              if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
-    run = None
-    if run_id:
-        try:
-            run = mlflow.start_run(run_id=run_id)
-        except MlflowException as err:
-            log.warning("training run %s not in %s (%s); logging to a new run", run_id, cfg.mlflow.resolved_uri(), err)
-    if run is None:
-        mlflow.set_experiment(cfg.mlflow.experiment)
-        run = mlflow.start_run(run_name=f"evaluate-{name}")
-        source = getattr(cfg.datasets, "ytvos" if name == "ytvos_proxy" else name, None)
-        mlflow.log_params({"checkpoint": str(checkpoint), "dataset": name,
-                           "source": getattr(source, "source", "unknown")})
-    with run:
-        mlflow.log_metrics(values)
-        log_eval_settings(MlflowClient(), run.info.run_id, name, {k: metrics[k] for k in ("device", "amp")})
-        for path in artifacts:
-            if path.is_file():
-                mlflow.log_artifact(str(path), artifact_path=f"eval/{name}")
-        return run.info.run_id
+    """The metrics (as `<name>_<key>`), `device` and `amp` (params `<name>_eval_device`, `<name>_eval_amp`) and the
+    `artifacts` files of evaluation `name` into the training run `run_id`, else a new run (module docstring)."""
+    source = getattr(cfg.datasets, "ytvos" if name == "ytvos_proxy" else name, None)
+    return tracking.log_evaluation(
+        cfg.mlflow.resolved_uri(), cfg.mlflow.experiment, resolve(cfg.mlflow.artifact_location), run_id, name,
+        metrics={f"{name}_{k}": v for k, v in metrics.items()},
+        settings={k: metrics[k] for k in ("device", "amp")},
+        params={"checkpoint": str(checkpoint), "dataset": name, "source": getattr(source, "source", "unknown")},
+        artifacts=artifacts)
 
 
 def evaluate_dataset(cfg: PipelineConfig, name: str, predictions: Path | None = None, plot: Path | None = None,

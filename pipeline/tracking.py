@@ -24,6 +24,12 @@ checkpoint has them: the architecture is built from it, then the checkpoint's we
 loads on a machine without the training's text-encoder folder or the hub; the `bifit` project must be installed
 there: the model's code is pipeline/mlflow_model.py (MLflow's "models from code": no pickled Python object), which
 makes :class:`BifitSegmenter` the model.
+
+Evaluations. :func:`log_evaluation` logs an evaluation stage's metrics, settings and files into the training run its
+checkpoint records (a new run ``evaluate-<name>`` when the store does not have it).
+
+Sweeps. A sweep (pipeline.tune) has a parent run (:func:`create_sweep_run`, ended by :func:`finish_sweep_run`) and
+one child run per trial (:func:`create_trial_run`, ended by :func:`log_trial_result`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import base64
 import contextlib
 import io
 import logging
+import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -149,6 +157,120 @@ def metric_logger(uri: str, run_id: str | None, every_steps: int):
             buffer.clear()
 
     return log_metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics and evaluation settings
+
+
+def metric_name(name: str) -> str:
+    """`name` with each character MLflow refuses in a metric name as "_" ("mAP 0.5:0.95" -> "mAP 0.5_0.95")."""
+    return re.sub(r"[^A-Za-z0-9_.\- /]", "_", name)
+
+
+def _metrics(values: dict, step: int = 0) -> list[Metric]:
+    """The finite numbers of `values` (bools and text left out) as MLflow metrics at `step`, named by
+    :func:`metric_name`."""
+    ts = int(time.time() * 1000)
+    named = {metric_name(k): float(v) for k, v in values.items()
+             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    return [Metric(k, v, ts, step) for k, v in named.items()]
+
+
+def log_metrics(uri: str, run_id: str, values: dict) -> None:
+    """The finite numbers of `values` as metrics of run `run_id` at step 0 (:func:`metric_name` names)."""
+    client(uri).log_batch(run_id, metrics=_metrics(values))
+
+
+def log_eval_settings(uri: str, run_id: str, name: str, settings: dict) -> None:
+    """How evaluation `name` was computed (`settings`: device, amp) as params `<name>_eval_<key>` of run `run_id`.
+    MLflow params cannot change: a rerun computed another way records its values as tags of the same names
+    instead, with a warning."""
+    c = client(uri)
+    values = {f"{name}_eval_{k}": str(v) for k, v in settings.items()}
+    try:
+        c.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
+    except MlflowException as err:
+        log.warning("run %s already records other evaluation settings (%s); this evaluation's are tags: %s",
+                    run_id, err, values)
+        for k, v in values.items():
+            c.set_tag(run_id, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluations (pipeline.evaluate_dataset)
+
+
+def log_evaluation(uri: str, experiment: str, artifact_location: Path | str, run_id: str | None, name: str,
+                   metrics: dict, settings: dict, params: dict, artifacts: list[Path]) -> str:
+    """Evaluation `name` into run `run_id` (the training run its checkpoint records) when the store has it, else
+    (with a warning when `run_id` is not None) into a new run `evaluate-<name>` of `experiment` with `params`: the
+    finite numbers of `metrics`, `settings` (:func:`log_eval_settings`) and the files of `artifacts` that exist,
+    under `eval/<name>`. The run ends FINISHED (FAILED when logging raises). Returns its id."""
+    mlflow.set_tracking_uri(uri)
+    run = None
+    if run_id:
+        try:
+            run = mlflow.start_run(run_id=run_id)
+        except MlflowException as err:
+            log.warning("training run %s not in %s (%s); logging to a new run", run_id, uri, err)
+    if run is None:
+        run = mlflow.start_run(run_id=create_run(uri, experiment, artifact_location, f"evaluate-{name}", params,
+                                                 tags={}))
+    with run:
+        log_metrics(uri, run.info.run_id, metrics)
+        log_eval_settings(uri, run.info.run_id, name, settings)
+        for path in artifacts:
+            if Path(path).is_file():
+                log_artifact(path, f"eval/{name}")
+        return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sweeps (pipeline.tune): a parent run per sweep, a child run per trial
+
+
+def create_sweep_run(uri: str, experiment: str, artifact_location: Path | str, sweep: str, params: dict) -> str:
+    """The parent run `sweep-<sweep>` of a sweep (tags `stage` tune, `kind` sweep, `sweep`), RUNNING until
+    :func:`finish_sweep_run`; a resumed sweep marks it RUNNING again (:func:`set_status`)."""
+    return create_run(uri, experiment, artifact_location, f"sweep-{sweep}", params,
+                      tags={"stage": "tune", "sweep": sweep, "kind": "sweep"})
+
+
+def create_trial_run(uri: str, experiment: str, artifact_location: Path | str, parent_run_id: str, sweep: str,
+                     run_name: str, params: dict, tags: dict) -> str:
+    """A trial's run, a child of the sweep's run `parent_run_id` (tags `stage` tune, `kind` trial, `sweep` and
+    `tags`), RUNNING until :func:`log_trial_result` (or :func:`run_status` on a failure) ends it."""
+    return create_run(uri, experiment, artifact_location, run_name, params,
+                      tags={PARENT_TAG: parent_run_id, "stage": "tune", "kind": "trial", "sweep": sweep, **tags})
+
+
+def is_child_of(uri: str, run_id: str, parent_run_id: str) -> bool:
+    """Whether the store has run `run_id` and it is a child of run `parent_run_id`."""
+    try:
+        return run_tags(uri, run_id).get(PARENT_TAG) == parent_run_id
+    except RunNotFound:
+        return False
+
+
+def log_trial_result(uri: str, run_id: str, metrics: dict, checkpoint: str) -> None:
+    """A finished trial: the finite numbers of `metrics`, its final checkpoint as tag `checkpoint`; the run ends
+    FINISHED."""
+    log_metrics(uri, run_id, metrics)
+    client(uri).set_tag(run_id, "checkpoint", checkpoint)
+    set_status(uri, run_id, "FINISHED")
+
+
+def finish_sweep_run(uri: str, run_id: str, tables: list[Path], metrics: dict, tags: dict, failed: bool) -> None:
+    """The sweep's `tables` (files) under `tables/`, its `metrics` and `tags`; the run ends FAILED when a trial
+    `failed`, else FINISHED."""
+    c = client(uri)
+    for path in tables:
+        c.log_artifact(run_id, str(path), artifact_path="tables")
+    log_metrics(uri, run_id, metrics)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+    set_status(uri, run_id, "FAILED" if failed else "FINISHED")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bifit.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from bifit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bifit.config import flatten, to_dict
 from pipeline import tracking
 from pipeline.config import PipelineConfig, load_pipeline_config, resolve
@@ -227,7 +227,8 @@ def _newest_checkpoint(w: _Worker) -> dict | None:
             return ckpt
         if w.rank == 0:
             copy = w.folder / Path(restored["path"]).name
-            atomic_save({k: v for k, v in restored.items() if k != "path"}, copy)
+            entries = {k: v for k, v in restored.items() if k not in ("format", "model", "config", "path")}
+            save_checkpoint(copy, restored["model"], restored["config"], **entries)
             restored["path"] = str(copy)
         return restored
 
@@ -304,14 +305,12 @@ def _epoch_metrics(w: _Worker, stats: dict) -> dict:
 
 
 def _save_checkpoint(w: _Worker, epoch: int, metrics: dict) -> Path:
-    """Rank 0: `epoch_NNNN.pth` in the run folder, written atomically; everything a resume needs."""
-    state = {"format": "bifit-checkpoint-v1", "model": getattr(w.model, "module", w.model).state_dict(),
-             "config": to_dict(w.cfg), "optimizer": w.optimizer.state_dict(),
-             "lr_scheduler": w.scheduler.state_dict(), "epoch": epoch, "global_step": w.global_step,
-             "metrics": metrics, "mlflow_run_id": w.run_id,
-             "skipped_nonfinite_batches": w.skipped_nonfinite, "redrawn_samples": w.redrawn}
+    """Rank 0: `epoch_NNNN.pth` in the run folder (bifit.checkpoint.save_checkpoint: written atomically); the model
+    and config, and everything else a resume needs."""
     path = w.folder / f"epoch_{epoch:04d}.pth"
-    atomic_save(state, path)
+    save_checkpoint(path, w.model, to_dict(w.cfg), optimizer=w.optimizer.state_dict(),
+                    lr_scheduler=w.scheduler.state_dict(), epoch=epoch, global_step=w.global_step, metrics=metrics,
+                    mlflow_run_id=w.run_id, skipped_nonfinite_batches=w.skipped_nonfinite, redrawn_samples=w.redrawn)
     return path
 
 
@@ -471,8 +470,8 @@ def export(cfg: PipelineConfig, out: dict) -> None:
     final = out["final"]
     with tracking.active_run(cfg.mlflow.resolved_uri(), out["run_id"]):
         model_path = resolve(cfg.paths.model)
-        atomic_save({"format": final["format"], "model": final["model"], "config": final["config"],
-                     "epoch": final["epoch"], "mlflow_run_id": out["run_id"], "metrics": final["metrics"]}, model_path)
+        save_checkpoint(model_path, final["model"], final["config"], epoch=final["epoch"], mlflow_run_id=out["run_id"],
+                        metrics=final["metrics"])
         metrics_dir, plots_dir = resolve(cfg.paths.metrics), resolve(cfg.paths.plots)
         metrics_dir.mkdir(parents=True, exist_ok=True)
         plots_dir.mkdir(parents=True, exist_ok=True)

@@ -28,13 +28,13 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bifit.config import ConfigError, flatten, from_dict, to_dict
 from bifit.report import format_mean_std, group_rows, markdown_table, write_csv
+from pipeline import tracking
 from pipeline.config import PipelineConfig, load_pipeline_config, resolve
 
 log = logging.getLogger("pipeline.tune")
@@ -177,56 +177,54 @@ def write_result(path: Path, result: dict) -> None:
 # MLflow
 
 
-def _experiment_id(client, cfg: PipelineConfig) -> str:
-    exp = client.get_experiment_by_name(cfg.tune.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(cfg.tune.experiment, artifact_location=resolve(cfg.mlflow.artifact_location)
-                                    .as_uri())
+def _store(cfg: PipelineConfig) -> dict:
+    """The sweep's tracking store, experiment and artifact location (the `uri, experiment, artifact_location`
+    arguments of the pipeline.tracking sweep functions)."""
+    return {"uri": cfg.mlflow.resolved_uri(), "experiment": cfg.tune.experiment,
+            "artifact_location": resolve(cfg.mlflow.artifact_location)}
+
+
+def _trial_tags(spec: TrialSpec) -> dict:
+    """A trial run's own tags: variant, seed, trial key, training hash and every searched key's value."""
+    return {"variant": spec.name, "seed": str(spec.seed), "trial_key": spec.key,
+            "config_hash": spec.cfg.training_hash(), **{k: _value_text(v) for k, v in spec.variant.items()}}
+
+
+def trial_metrics(result: dict) -> dict:
+    """A stored trial's MLflow metrics: `<benchmark>_<metric>`, wall time, parameter count, final training loss."""
+    prefix = result.get("benchmark", "ytvos")
+    return {**{f"{prefix}_{k}": v for k, v in result["metrics"].items()}, "wall_seconds": result["wall_seconds"],
+            "num_parameters": result["num_parameters"], "final_train_loss": result["train_loss"]}
 
 
 def start_parent_run(cfg: PipelineConfig, sweep: str, folder: Path) -> str:
     """The sweep's MLflow run (reused, and marked running again, when the sweep resumes)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
     id_file = folder / "mlflow_parent_run_id"
     if id_file.exists():
         run_id = id_file.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
+        tracking.set_status(cfg.mlflow.resolved_uri(), run_id, "RUNNING")
         return run_id
-    run = client.create_run(_experiment_id(client, cfg), run_name=f"sweep-{sweep}",
-                            tags={"stage": "tune", "sweep": sweep, "kind": "sweep"})
     params = {"grid": json.dumps(cfg.tune.grid), "seeds": json.dumps(cfg.tune.seeds),
               "trial_overrides": json.dumps(cfg.tune.trial_overrides),
               "benchmark": cfg.tune.benchmark, "eval_max_expressions": str(cfg.tune.eval_max_expressions)}
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, value[:500])
+    run_id = tracking.create_sweep_run(**_store(cfg), sweep=sweep, params=params)
     folder.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
-    return run.info.run_id
+    id_file.write_text(run_id)
+    return run_id
 
 
 def start_child_run(spec: TrialSpec, parent_run_id: str, sweep: str, folder: Path) -> str:
     """The trial's MLflow run, a child of the sweep's run; its id file makes run_training log into it."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
     id_file = folder / "mlflow_run_id"
     if id_file.exists():
         return id_file.read_text().strip()
     cfg = spec.cfg
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
-    tags = {"mlflow.parentRunId": parent_run_id, "stage": "tune", "kind": "trial", "sweep": sweep,
-            "variant": spec.name, "seed": str(spec.seed), "trial_key": spec.key,
-            "config_hash": cfg.training_hash(),
-            **{k: _value_text(v) for k, v in spec.variant.items()}}
-    run = client.create_run(_experiment_id(client, cfg), run_name=f"{spec.name} seed={spec.seed}", tags=tags)
-    params = flatten(cfg.training_dict())
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    run_id = tracking.create_trial_run(**_store(cfg), parent_run_id=parent_run_id, sweep=sweep,
+                                       run_name=f"{spec.name} seed={spec.seed}",
+                                       params=flatten(cfg.training_dict()), tags=_trial_tags(spec))
     folder.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
-    return run.info.run_id
+    id_file.write_text(run_id)
+    return run_id
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,10 +234,9 @@ def start_child_run(spec: TrialSpec, parent_run_id: str, sweep: str, folder: Pat
 def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     """Train through the train stage's Ray Train code, evaluate, store and log the result."""
     import torch
-    from mlflow.tracking import MlflowClient
 
     from bifit.inference import inference_settings, resolve_device
-    from pipeline.evaluate_dataset import load_eval_model, log_eval_settings
+    from pipeline.evaluate_dataset import load_eval_model
     from pipeline.train import run_dir, run_training
 
     cfg = spec.cfg
@@ -248,18 +245,15 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
     device = resolve_device(cfg.eval.device)
     folder = run_dir(cfg)
     run_id = start_child_run(spec, parent_run_id, sweep, folder)
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
+    uri = cfg.mlflow.resolved_uri()
     t0 = time.time()
-    try:
+    with tracking.run_status(uri, run_id, finish=False):  # FAILED when anything here raises
         out = run_training(cfg)
         torch.set_num_threads(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
         loaded = load_eval_model(cfg, Path(out["final"]["path"]), device)
         model = loaded.model
         metrics, per_video = evaluate_trial(cfg, model, loaded.tokenizer, folder)
-        log_eval_settings(client, run_id, cfg.tune.benchmark, inference_settings(model, cfg.eval.amp))
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+        tracking.log_eval_settings(uri, run_id, cfg.tune.benchmark, inference_settings(model, cfg.eval.amp))
     result = {
         "format": RESULT_FORMAT, "key": spec.key, "variant": spec.name, "grid": spec.variant, "seed": spec.seed,
         "benchmark": cfg.tune.benchmark, "metrics": metrics, "per_video_jf": per_video,
@@ -270,9 +264,7 @@ def train_and_evaluate(spec: TrialSpec, parent_run_id: str, sweep: str) -> dict:
         "wall_seconds": time.time() - t0, "checkpoint": out["final"]["path"], "mlflow_run_id": run_id,
         "training_hash": cfg.training_hash(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    client.log_batch(run_id, metrics=_mlflow_metrics(result))
-    client.set_tag(run_id, "checkpoint", result["checkpoint"])
-    client.set_terminated(run_id, status="FINISHED")
+    tracking.log_trial_result(uri, run_id, trial_metrics(result), result["checkpoint"])
     write_result(result_path(cfg, spec.key), result)
     return result
 
@@ -312,47 +304,23 @@ def metric_names(benchmark: str, results: list[dict]) -> list[str]:
 def child_run_of_sweep(spec: TrialSpec, result: dict, parent_run_id: str, sweep: str, folder: Path) -> str:
     """The trial's child run under this sweep's parent. A trial stored by another sweep (other seeds or grid,
     same trial settings) gets a child run here too, recording the stored result (tag `reused_from`)."""
-    from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     links = folder / "child_runs.json"
     linked = json.loads(links.read_text()) if links.exists() else {}
-    client = MlflowClient(tracking_uri=spec.cfg.mlflow.resolved_uri())
+    uri = spec.cfg.mlflow.resolved_uri()
     for run_id in (result["mlflow_run_id"], linked.get(spec.key)):
-        if run_id is None:
-            continue
-        try:
-            if client.get_run(run_id).data.tags.get("mlflow.parentRunId") == parent_run_id:
-                return run_id
-        except MlflowException:
-            continue
-    tags = {"mlflow.parentRunId": parent_run_id, "stage": "tune", "kind": "trial", "sweep": sweep,
-            "variant": spec.name, "seed": str(spec.seed), "trial_key": spec.key, "reused_from": result["mlflow_run_id"],
-            "config_hash": spec.cfg.training_hash(), "checkpoint": result["checkpoint"],
-            **{k: _value_text(v) for k, v in spec.variant.items()}}
-    run = client.create_run(_experiment_id(client, spec.cfg), run_name=f"{spec.name} seed={spec.seed}", tags=tags)
-    params = [Param(k, str(v)[:500]) for k, v in flatten(spec.cfg.training_dict()).items()]
+        if run_id is not None and tracking.is_child_of(uri, run_id, parent_run_id):
+            return run_id
     prefix, metrics = result.get("benchmark", "ytvos"), result["metrics"]
+    params = flatten(spec.cfg.training_dict())
     # how the stored result was evaluated (absent from results stored before it was recorded)
-    params += [Param(f"{prefix}_eval_{k}", str(metrics[k])) for k in ("device", "amp") if k in metrics]
-    client.log_batch(run.info.run_id, metrics=_mlflow_metrics(result), params=params)
-    client.set_terminated(run.info.run_id, status="FINISHED")
-    linked[spec.key] = run.info.run_id
+    params.update({f"{prefix}_eval_{k}": str(metrics[k]) for k in ("device", "amp") if k in metrics})
+    run_id = tracking.create_trial_run(**_store(spec.cfg), parent_run_id=parent_run_id, sweep=sweep,
+                                       run_name=f"{spec.name} seed={spec.seed}", params=params,
+                                       tags={**_trial_tags(spec), "reused_from": result["mlflow_run_id"]})
+    tracking.log_trial_result(uri, run_id, trial_metrics(result), result["checkpoint"])
+    linked[spec.key] = run_id
     links.write_text(json.dumps(linked, indent=1))
-    return run.info.run_id
-
-
-def _mlflow_metrics(result: dict) -> list:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    prefix = result.get("benchmark", "ytvos")
-    values = {re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"{prefix}_{k}"): v for k, v in result["metrics"].items()}
-    values.update(wall_seconds=result["wall_seconds"], num_parameters=result["num_parameters"],
-                  final_train_loss=result["train_loss"])
-    return [Metric(k, float(v), ts, 0) for k, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    return run_id
 
 
 def run_trial(config: dict, specs: dict, parent_run_id: str, sweep: str) -> None:
@@ -530,19 +498,17 @@ def results_markdown(cfg, sweep, rows, variants, failed, grid_keys, names) -> st
 
 def _finish_parent_run(cfg, run_id: str, out_dir: Path, variants: list[dict], failed: list[dict],
                        names: list[str]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg.mlflow.resolved_uri())
-    for name in ("results.md", "trials.csv", "variants.csv", "summary.json"):
-        client.log_artifact(run_id, str(out_dir / name), artifact_path="tables")
+    """The tables, the best variant's headline metric (J&F on ytvos) and the failure count into the sweep's run,
+    which ends FAILED when a trial failed, else FINISHED."""
     headline = "jf" if "jf" in names else (names[0] if names else None)
     best = None if headline is None else max((v for v in variants if not math.isnan(v[f"{headline}_mean"])),
                                              key=lambda v: v[f"{headline}_mean"], default=None)
+    metrics, tags = {"num_failed_trials": len(failed)}, {}
     if best is not None:
-        client.log_metric(run_id, re.sub(r"[^A-Za-z0-9_.\- /]", "_", f"best_{headline}_mean"), best[f"{headline}_mean"])
-        client.set_tag(run_id, "best_variant", best["variant"])
-    client.log_metric(run_id, "num_failed_trials", len(failed))
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        metrics[f"best_{headline}_mean"] = best[f"{headline}_mean"]
+        tags["best_variant"] = best["variant"]
+    tables = [out_dir / name for name in ("results.md", "trials.csv", "variants.csv", "summary.json")]
+    tracking.finish_sweep_run(cfg.mlflow.resolved_uri(), run_id, tables, metrics, tags, failed=bool(failed))
 
 
 def main(argv=None) -> dict:

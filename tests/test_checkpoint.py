@@ -90,3 +90,20 @@ def test_our_checkpoint_records_config_and_rejects_foreign_files(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="not a bifit-checkpoint-v1 file"):
         load_checkpoint(tmp_path / "plain.pth")
+
+
+def test_save_checkpoint_from_a_state_dict_with_training_entries(tmp_path):
+    """A checkpoint read back can be written again (the train stage's final model, Ray's restored copy)."""
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "a.pth", model, {"model": {}}, epoch=2, optimizer=optimizer.state_dict())
+    first = load_checkpoint(tmp_path / "a.pth")
+    entries = {k: v for k, v in first.items() if k not in ("format", "model", "config")}
+    save_checkpoint(tmp_path / "b.pth", first["model"], first["config"], **entries)
+    second = load_checkpoint(tmp_path / "b.pth")
+    assert set(second) == {"format", "model", "config", "epoch", "optimizer"} and second["epoch"] == 2
+    assert second["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert all(torch.equal(second["model"][k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="'format' is set by the function"):
+        save_checkpoint(tmp_path / "c.pth", model, {}, format="other")
+    assert not (tmp_path / "c.pth").exists()

@@ -139,15 +139,16 @@ def test_evaluate_dataset_moves_the_model_to_the_resolved_device_and_records_it(
 def test_mlflow_params_record_device_and_amp_and_a_rerun_otherwise_becomes_tags(tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate_dataset import log_eval_settings
+    from pipeline.tracking import log_eval_settings
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("x", artifact_location=tmp_path.as_uri())).info.run_id
-    caplog.set_level(logging.WARNING, logger="pipeline.evaluate_dataset")
-    log_eval_settings(client, run_id, "davis", {"device": "cpu", "amp": False})
-    log_eval_settings(client, run_id, "davis", {"device": "cpu", "amp": False})  # the same values: no conflict
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    log_eval_settings(uri, run_id, "davis", {"device": "cpu", "amp": False})
+    log_eval_settings(uri, run_id, "davis", {"device": "cpu", "amp": False})  # the same values: no conflict
     assert "already records" not in caplog.text
-    log_eval_settings(client, run_id, "davis", {"device": "cuda", "amp": True})
+    log_eval_settings(uri, run_id, "davis", {"device": "cuda", "amp": True})
     data = client.get_run(run_id).data
     assert {k: v for k, v in data.params.items() if k.startswith("davis_")} == {
         "davis_eval_device": "cpu", "davis_eval_amp": "False"}

@@ -129,6 +129,49 @@ def test_latest_checkpoint_falls_back_past_corrupt_files(tmp_path, caplog):
     assert "skipping unreadable checkpoint" in caplog.text and "epoch_0001.pth" in caplog.text
 
 
+def test_epoch_checkpoint_holds_what_a_resume_reads(tmp_path, monkeypatch):
+    """An epoch checkpoint (bifit.checkpoint.save_checkpoint) restores weights, optimizer, scheduler, step and
+    the run totals of a fresh worker, and records the config, metrics and MLflow run."""
+    import torch
+
+    from bifit.checkpoint import OUR_FORMAT, load_checkpoint
+    from bifit.config import to_dict
+    from pipeline import train
+    from pipeline.config import load_pipeline_config
+
+    cfg = load_pipeline_config(_params(tmp_path))
+
+    def worker(seed, **totals):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1], gamma=0.1)
+        return train._Worker(cfg=cfg, rank=0, world=1, folder=tmp_path, loss_csv=tmp_path / "loss.csv",
+                             run_id="abc", log_metrics=None, device=torch.device("cpu"), tokenizer=None, model=model,
+                             criterion=None, optimizer=optimizer, scheduler=scheduler, **totals)
+
+    trained = worker(0, global_step=7, skipped_nonfinite=2, redrawn=3)
+    trained.model(torch.ones(2, 4)).sum().backward()
+    trained.optimizer.step()
+    trained.scheduler.step()
+    path = train._save_checkpoint(trained, 4, {"train_loss": 0.5})
+    assert path == tmp_path / "epoch_0004.pth" and not list(tmp_path.glob(".epoch_0004.pth.*"))
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == OUR_FORMAT and ckpt["config"] == to_dict(cfg)
+    assert (ckpt["epoch"], ckpt["metrics"], ckpt["mlflow_run_id"]) == (4, {"train_loss": 0.5}, "abc")
+
+    monkeypatch.setattr(train, "_newest_checkpoint", lambda w: train.latest_checkpoint(w.folder))  # no Ray session
+    resumed = worker(1)
+    train._resume(resumed)
+    assert (resumed.start_epoch, resumed.global_step, resumed.skipped_nonfinite, resumed.redrawn) == (5, 7, 2, 3)
+    for a, b in zip(trained.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.scheduler.state_dict() == trained.scheduler.state_dict()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(resumed.optimizer.state_dict()["state"][0][key], trained.optimizer.state_dict()["state"][0][key])
+
+
 def test_package_refuses_incomplete_predictions(chain):
     from pipeline.package import SubmissionError, check_predictions
 

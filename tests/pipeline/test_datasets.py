@@ -197,6 +197,48 @@ def test_evaluations_write_metrics_plots_predictions_and_mlflow(stages):
     assert {params[f"{n}_eval_amp"] for n in metrics} == {"False"}
 
 
+def test_evaluation_logs_to_the_training_run_else_to_a_new_run(tmp_path, monkeypatch, caplog):
+    """log_to_mlflow without an evaluation: `<name>_` metrics, eval settings and files into the training run the
+    checkpoint records; a run id the store does not know: a new `evaluate-<name>` run, with a warning."""
+    import logging
+
+    from pipeline import evaluate_dataset, tracking
+    from pipeline.config import load_pipeline_config, resolve
+    from tests.pipeline.test_tune import _hermetic_mlflow
+
+    _hermetic_mlflow(monkeypatch)
+    cfg = load_pipeline_config(_dataset_params(tmp_path))
+    uri, where = cfg.mlflow.resolved_uri(), resolve(cfg.mlflow.artifact_location)
+    c = tracking.client(uri)
+    training = tracking.create_run(uri, cfg.mlflow.experiment, where, "train-x", {"model.hidden_dim": 32},
+                                   {"stage": "train"})
+    plot = tmp_path / "plots/a2d_precision.csv"
+    plot.parent.mkdir()
+    plot.write_text("iou_threshold,precision\n")
+    metrics = {"mAP 0.5:0.95": 0.25, "P@0.5": 0.5, "num_samples": 6, "device": "cpu", "amp": False,
+               "eval_seconds": 1.5, "overall_iou": float("nan")}
+    assert evaluate_dataset.log_to_mlflow(cfg, "a2d", metrics, training, tmp_path / "m.pth",
+                                          [plot, tmp_path / "absent.json"]) == training
+    run = c.get_run(training)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"a2d_mAP 0.5_0.95": 0.25, "a2d_P_0.5": 0.5, "a2d_num_samples": 6.0,
+                                "a2d_eval_seconds": 1.5}
+    assert run.data.params == {"model.hidden_dim": "32", "a2d_eval_device": "cpu", "a2d_eval_amp": "False"}
+    assert tracking.artifact_paths(c, training, "eval/a2d") == ["eval/a2d/a2d_precision.csv"]
+
+    caplog.set_level(logging.WARNING)
+    new = evaluate_dataset.log_to_mlflow(cfg, "ytvos_proxy", {"jf": 0.5, "device": "cpu", "amp": True}, "0123abcd",
+                                         tmp_path / "m.pth", [])
+    assert f"training run 0123abcd not in {uri}" in caplog.text and "logging to a new run" in caplog.text
+    run = c.get_run(new)
+    assert (run.info.run_name, run.info.status) == ("evaluate-ytvos_proxy", "FINISHED")
+    assert run.info.experiment_id == c.get_run(training).info.experiment_id
+    assert run.data.params == {"checkpoint": str(tmp_path / "m.pth"), "dataset": "ytvos_proxy",
+                               "source": "synthetic", "ytvos_proxy_eval_device": "cpu",
+                               "ytvos_proxy_eval_amp": "True"}
+    assert run.data.metrics == {"ytvos_proxy_jf": 0.5}
+
+
 def test_summary_table(stages):
     _, _, _, _, _, metrics, text = stages
     assert "| Ref-DAVIS17 val (4 annotators averaged) | J&F | " in text

@@ -1,7 +1,11 @@
-"""pipeline.tracking without Ray: run statuses, the worker-side metric logger, the logged pyfunc model."""
+"""pipeline.tracking without Ray: run statuses, the worker-side metric logger, evaluations, sweep runs, the logged
+pyfunc model; and no other pipeline module importing MLflow."""
 
+import ast
 import base64
 import io
+import logging
+import math
 
 import numpy as np
 import pytest
@@ -136,3 +140,130 @@ def test_logged_model_refuses_frames_of_different_sizes(logged):
     model = mlflow.pyfunc.load_model(logged[1].model_uri)
     with pytest.raises(ValueError, match="one size"):
         model.predict(pd.DataFrame({"frames": [frames], "expression": ["the red circle"]}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one module owns the MLflow calls
+
+
+def _mlflow_imports(path) -> list[int]:
+    """Lines of `path` that import mlflow (import / from-import / importlib.import_module / __import__)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if node.level == 0 else []
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            names = [str(node.args[0].value)]
+        else:
+            continue
+        if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_tracking_and_the_model_code_import_mlflow():
+    from tests.conftest import REPO
+
+    found = {path.relative_to(REPO).as_posix(): _mlflow_imports(path) for path in (REPO / "pipeline").rglob("*.py")}
+    assert found["pipeline/tracking.py"] and found["pipeline/mlflow_model.py"]  # the check sees real imports
+    others = {name: lines for name, lines in found.items() if lines
+              and name not in ("pipeline/tracking.py", "pipeline/mlflow_model.py")}
+    assert others == {}, f"MLflow calls belong in pipeline/tracking.py; imported at {others}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics, evaluations, sweeps
+
+
+def test_metric_names_keep_what_mlflow_accepts():
+    from pipeline import tracking
+
+    assert tracking.metric_name("a2d_mAP 0.5:0.95") == "a2d_mAP 0.5_0.95"
+    assert tracking.metric_name("a2d_P@0.5") == "a2d_P_0.5"
+    assert tracking.metric_name("best_jf_mean") == "best_jf_mean"
+    assert tracking.metric_name("lr/backbone-1.x") == "lr/backbone-1.x"
+
+
+def test_log_evaluation_into_the_training_run_or_a_new_run(store, tmp_path, caplog):
+    from pipeline import tracking
+
+    uri, artifacts = store
+    c = tracking.client(uri)
+    training = _run(store, "train-x")
+    table = tmp_path / "davis.json"
+    table.write_text("{}\n")
+    metrics = {"davis_jf": 0.5, "davis_P@0.5": 0.25, "davis_mAP 0.5:0.95": 0.125, "davis_nan": math.nan,
+               "davis_flag": True, "davis_device": "cpu", "davis_n": 3}
+    got = tracking.log_evaluation(uri, "toy", artifacts, training, "davis", metrics, {"device": "cpu", "amp": False},
+                                  {"checkpoint": "x.pth"}, [table, tmp_path / "missing.csv"])
+    assert got == training
+    run = c.get_run(training)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"davis_jf": 0.5, "davis_P_0.5": 0.25, "davis_mAP 0.5_0.95": 0.125, "davis_n": 3.0}
+    assert run.data.params == {"a": "1", "long": "x" * 500, "davis_eval_device": "cpu", "davis_eval_amp": "False"}
+    assert tracking.artifact_paths(c, training, "eval/davis") == ["eval/davis/davis.json"]
+
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    new = tracking.log_evaluation(uri, "toy-eval", artifacts, "deadbeef", "a2d", {"a2d_mean_iou": 0.75},
+                                  {"device": "cuda", "amp": True}, {"checkpoint": "x.pth", "dataset": "a2d"}, [])
+    assert new != "deadbeef"
+    assert f"training run deadbeef not in {uri}" in caplog.text and "logging to a new run" in caplog.text
+    run = c.get_run(new)
+    assert (run.info.run_name, run.info.status) == ("evaluate-a2d", "FINISHED")
+    assert run.info.experiment_id == c.get_experiment_by_name("toy-eval").experiment_id
+    assert run.data.params == {"checkpoint": "x.pth", "dataset": "a2d", "a2d_eval_device": "cuda",
+                               "a2d_eval_amp": "True"}
+    assert run.data.metrics == {"a2d_mean_iou": 0.75}
+    caplog.clear()
+    fresh = tracking.log_evaluation(uri, "toy-eval", artifacts, None, "jhmdb", {}, {"device": "cpu", "amp": False},
+                                    {}, [])
+    assert fresh not in (new, training) and c.get_run(fresh).info.run_name == "evaluate-jhmdb"
+    assert "not in" not in caplog.text  # no recorded training run: no warning
+
+
+def test_sweep_parent_and_trial_runs(store, tmp_path):
+    from pipeline import tracking
+
+    uri, artifacts = store
+    c = tracking.client(uri)
+    parent = tracking.create_sweep_run(uri, "toy-sweep", artifacts, "abc123", {"grid": '{"a": [0, 1]}'})
+    run = c.get_run(parent)
+    assert (run.info.run_name, run.info.status) == ("sweep-abc123", "RUNNING")
+    assert {k: run.data.tags[k] for k in ("stage", "kind", "sweep")} == {"stage": "tune", "kind": "sweep",
+                                                                         "sweep": "abc123"}
+    assert run.data.params == {"grid": '{"a": [0, 1]}'}
+
+    child = tracking.create_trial_run(uri, "toy-sweep", artifacts, parent, "abc123", "a=0 seed=1", {"model.a": 0},
+                                      {"variant": "a=0", "seed": "1"})
+    assert tracking.run_state(uri, child) == "RUNNING"
+    assert tracking.is_child_of(uri, child, parent)
+    assert not tracking.is_child_of(uri, _run(store, "unrelated"), parent)
+    assert not tracking.is_child_of(uri, "deadbeef", parent)  # not in the store
+    tracking.log_trial_result(uri, child, {"ytvos_jf": 0.5, "ytvos_device": "cpu", "wall_seconds": 12,
+                                           "final_train_loss": math.nan}, "/runs/epoch_0000.pth")
+    run = c.get_run(child)
+    assert (run.info.run_name, run.info.status) == ("a=0 seed=1", "FINISHED")
+    assert run.info.experiment_id == c.get_run(parent).info.experiment_id
+    assert run.data.metrics == {"ytvos_jf": 0.5, "wall_seconds": 12.0}
+    assert {k: run.data.tags[k] for k in (tracking.PARENT_TAG, "stage", "kind", "sweep", "variant", "seed",
+                                          "checkpoint")} == {
+        tracking.PARENT_TAG: parent, "stage": "tune", "kind": "trial", "sweep": "abc123", "variant": "a=0",
+        "seed": "1", "checkpoint": "/runs/epoch_0000.pth"}
+    assert run.data.params == {"model.a": "0"}
+    assert [r.info.run_id for r in tracking.child_runs(c, c.get_run(parent))] == [child]
+
+    table = tmp_path / "results.md"
+    table.write_text("# sweep\n")
+    tracking.finish_sweep_run(uri, parent, [table], {"best_jf_mean": 0.5, "num_failed_trials": 0},
+                              {"best_variant": "a=0"}, failed=False)
+    run = c.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["best_variant"] == "a=0"
+    assert run.data.metrics == {"best_jf_mean": 0.5, "num_failed_trials": 0.0}
+    assert tracking.artifact_paths(c, parent, "tables") == ["tables/results.md"]
+    broken = tracking.create_sweep_run(uri, "toy-sweep", artifacts, "def456", {})
+    tracking.finish_sweep_run(uri, broken, [], {"num_failed_trials": 2}, {}, failed=True)
+    assert tracking.run_state(uri, broken) == "FAILED"
+    assert c.get_run(broken).data.metrics == {"num_failed_trials": 2.0}

@@ -113,6 +113,95 @@ def test_group_rows_mean_and_sample_std():
     assert format_mean_std(b["jf_mean"], b["jf_std"]) == "0.5000"
 
 
+def _stored_result(spec, mlflow_run_id: str) -> dict:
+    """A finished trial as the results store holds it (only what the MLflow runs read)."""
+    return {"benchmark": "ytvos", "metrics": {"jf": 0.5, "j": 0.4, "f": 0.6, "jf_shuffled": math.nan, "device": "cpu",
+                                              "amp": False, "num_expressions": 4},
+            "wall_seconds": 3.5, "num_parameters": 10, "train_loss": 1.5, "checkpoint": "/runs/epoch_0000.pth",
+            "mlflow_run_id": mlflow_run_id, "key": spec.key}
+
+
+def test_trial_metrics_prefix_the_benchmark():
+    from pipeline.tune import trial_metrics
+
+    metrics = {"jf": 0.5, "P@0.5": 0.25, "device": "cpu"}
+    assert trial_metrics({"benchmark": "a2d", "metrics": metrics, "wall_seconds": 2.0, "num_parameters": 7,
+                          "train_loss": 0.5}) == {"a2d_jf": 0.5, "a2d_P@0.5": 0.25, "a2d_device": "cpu",
+                                                  "wall_seconds": 2.0, "num_parameters": 7, "final_train_loss": 0.5}
+    assert "ytvos_jf" in trial_metrics({"metrics": metrics, "wall_seconds": 0, "num_parameters": 0,
+                                        "train_loss": 0})  # results stored before the benchmark was recorded
+
+
+def test_sweep_runs_without_ray(tmp_path, monkeypatch):
+    """The sweep's MLflow runs, from the MLflow side of pipeline.tune (no training): the parent run (resumed
+    by a rerun), a trial's child run, a stored trial reported by another sweep as a child run of its own (made
+    once), and the parent's end."""
+    from pipeline import tracking, tune
+    from pipeline.config import load_pipeline_config, resolve
+
+    _hermetic_mlflow(monkeypatch)
+    cfg = load_pipeline_config(_sweep_params(tmp_path))
+    spec = tune.plan_trials(cfg)[1]  # inter_frame_layers=0, seed 1
+    uri, c = cfg.mlflow.resolved_uri(), tracking.client(cfg.mlflow.resolved_uri())
+    parent = tune.start_parent_run(cfg, "s1", tmp_path / "sweeps/s1")
+    run = c.get_run(parent)
+    assert (run.info.run_name, run.data.tags["kind"], run.data.tags["sweep"]) == ("sweep-s1", "sweep", "s1")
+    assert run.data.params["seeds"] == "[0, 1]" and run.data.params["eval_max_expressions"] == "4"
+    experiment = c.get_experiment(run.info.experiment_id)
+    assert experiment.name == "toy-ablations"
+    assert experiment.artifact_location == resolve(cfg.mlflow.artifact_location).as_uri()
+    tracking.set_status(uri, parent, "FAILED")  # the sweep died
+    assert tune.start_parent_run(cfg, "s1", tmp_path / "sweeps/s1") == parent  # resumed: the same run, running
+    assert tracking.run_state(uri, parent) == "RUNNING"
+
+    trained = tune.start_child_run(spec, parent, "s1", tmp_path / "train-run")  # the trial's run, as it trains
+    assert tune.start_child_run(spec, parent, "s1", tmp_path / "train-run") == trained  # its id file
+    run = c.get_run(trained)
+    assert run.info.run_name == f"{spec.name} seed=1" and run.info.status == "RUNNING"
+    assert {k: run.data.tags[k] for k in (tracking.PARENT_TAG, "stage", "kind", "sweep", "variant", "seed",
+                                          "trial_key", "config_hash", "model.inter_frame_layers")} == {
+        tracking.PARENT_TAG: parent, "stage": "tune", "kind": "trial", "sweep": "s1", "variant": spec.name,
+        "seed": "1", "trial_key": spec.key, "config_hash": spec.cfg.training_hash(), "model.inter_frame_layers": "0"}
+    assert run.data.params["model.inter_frame_layers"] == "0" and run.data.params["train.seed"] == "1"
+    result = _stored_result(spec, trained)
+    tracking.log_trial_result(uri, trained, tune.trial_metrics(result), result["checkpoint"])
+    assert tune.child_run_of_sweep(spec, result, parent, "s1", tmp_path / "sweeps/s1") == trained  # its own child
+
+    other = tune.start_parent_run(cfg, "s2", tmp_path / "sweeps/s2")
+    reused = tune.child_run_of_sweep(spec, result, other, "s2", tmp_path / "sweeps/s2")
+    assert reused not in (trained, other)
+    assert tune.child_run_of_sweep(spec, result, other, "s2", tmp_path / "sweeps/s2") == reused  # linked once
+    for run_id in (trained, reused):
+        run = c.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == "/runs/epoch_0000.pth"
+        assert run.data.metrics == {"ytvos_jf": 0.5, "ytvos_j": 0.4, "ytvos_f": 0.6, "ytvos_num_expressions": 4.0,
+                                    "wall_seconds": 3.5, "num_parameters": 10.0, "final_train_loss": 1.5}
+    run = c.get_run(reused)
+    assert (run.data.tags[tracking.PARENT_TAG], run.data.tags["sweep"], run.data.tags["reused_from"]) == (
+        other, "s2", trained)
+    assert (run.data.tags["variant"], run.data.tags["trial_key"]) == (spec.name, spec.key)
+    assert (run.data.params["ytvos_eval_device"], run.data.params["ytvos_eval_amp"]) == ("cpu", "False")
+    assert run.data.params["model.inter_frame_layers"] == "0"
+
+    out = tmp_path / "tables"
+    out.mkdir()
+    for name in ("results.md", "trials.csv", "variants.csv", "summary.json"):
+        (out / name).write_text(name)
+    variants = [{"variant": "inter_frame_layers=0", "jf_mean": 0.5},
+                {"variant": "inter_frame_layers=1", "jf_mean": math.nan}]
+    tune._finish_parent_run(cfg, other, out, variants, [{"variant": "inter_frame_layers=1"}], ["jf", "j"])
+    run = c.get_run(other)
+    assert run.info.status == "FAILED"  # a trial failed
+    assert run.data.metrics == {"best_jf_mean": 0.5, "num_failed_trials": 1.0}
+    assert run.data.tags["best_variant"] == "inter_frame_layers=0"
+    assert sorted(tracking.artifact_paths(c, other, "tables")) == [
+        "tables/results.md", "tables/summary.json", "tables/trials.csv", "tables/variants.csv"]
+    tune._finish_parent_run(cfg, parent, out, variants[1:], [], ["jf"])  # no finite J&F: no best variant
+    run = c.get_run(parent)
+    assert run.info.status == "FINISHED" and "best_variant" not in run.data.tags
+    assert run.data.metrics == {"num_failed_trials": 0.0}
+
+
 def _auto_device() -> str:
     import torch
 
