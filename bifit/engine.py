@@ -35,7 +35,8 @@ GROUPS = (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf; the message names the step, the term and the samples."""
+    """A loss term, a model output, a gradient or a weight became NaN or inf; the message names the step, what
+    was non-finite and the samples."""
 
 
 def param_groups(model: nn.Module, tcfg) -> list[dict]:
@@ -185,6 +186,37 @@ def all_finite(outputs) -> torch.Tensor:
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
+def gradient_norm(model: nn.Module, clip_max_norm: float) -> torch.Tensor:
+    """The total gradient norm (0-d, on the device), clipping to `clip_max_norm` when > 0. A non-finite norm
+    means some gradient is NaN/inf; the optimizer must not step then (clipping would spread it to every weight)."""
+    if clip_max_norm > 0:
+        # foreach: one batched norm; the default on CPU is a Python loop of three ops per parameter
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm, foreach=True)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+
+
+def nonfinite_gradients(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds NaN/inf (one sync each: only for the message)."""
+    return [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters holding NaN/inf (one sync each: only for the message)."""
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def parameters_finite(model: nn.Module) -> bool:
+    """Every parameter is finite (one host sync; not through a norm, which overflows for large finite weights)."""
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
+
 def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch: int, clip_max_norm: float = 0.1,
                     max_steps: int | None = None, skip_nonfinite: bool = False, amp: bool = False,
                     on_step: Callable[[int, dict], None] | None = None, global_step: int = 0) -> dict:
@@ -208,13 +240,23 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
             total = criterion.weighted_total(losses)
         global_step += 1
         logged = {"loss": total, **{k: v for k, v in losses.items() if "_" not in k[5:]}}
-        # the step's one host sync: the logged values and whether every model output was finite
-        values = torch.stack([v.detach().float() for v in logged.values()] + [all_finite(outputs).float()]).tolist()
-        outputs_finite = values.pop() == 1.0
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()  # every rank, even on a bad batch: DDP's all-reduce needs all of them
+        grad_norm = gradient_norm(model, clip_max_norm)
+        # the step's one host sync: the logged values, whether every model output and the gradient are finite
+        values = torch.stack([v.detach().float() for v in logged.values()]
+                             + [all_finite(outputs).float(), grad_norm.detach().float()]).tolist()
+        grads_finite, outputs_finite = math.isfinite(values.pop()), values.pop() == 1.0
         values = dict(zip(logged, values))
         message = None
         if not outputs_finite or not math.isfinite(values["loss"]):  # rare: the details cost syncs of their own
             message = nonfinite_message(losses, total, global_step, epoch, targets, nonfinite_outputs(outputs))
+        elif not grads_finite:
+            bad = nonfinite_gradients(model)
+            what = (f"non-finite gradient(s) of {_names(bad)}" if bad else
+                    "a gradient norm that overflows float32 (every gradient finite but huge)")
+            message = (f"epoch {epoch} step {global_step}: {what} (loss {values['loss']:.6g} was finite; the step is "
+                       f"not applied) on samples {sample_ids(targets)}")
         problems = gather_nonfinite(message, device)
         if problems:
             if not skip_nonfinite:
@@ -224,11 +266,6 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if clip_max_norm > 0:
-            # foreach: one batched norm; the default on CPU is a Python loop of three ops per parameter
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm, foreach=True)
         optimizer.step()
         steps += 1
         clips += inputs["images"].shape[0]
@@ -236,6 +273,13 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
             sums[k] += v
         if on_step is not None:
             on_step(global_step, {**values, **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}})
+    if skipped and not steps:
+        raise NonFiniteLossError(f"epoch {epoch}: all {skipped} batches were non-finite and skipped; the model has "
+                                 "diverged (lower the learning rates)")
+    if not parameters_finite(model):  # an optimizer step from finite gradients can still overflow
+        raise NonFiniteLossError(f"epoch {epoch}: non-finite weights after step {global_step} in "
+                                 f"{_names(nonfinite_parameters(model))}; the model has diverged (lower the "
+                                 "learning rates); no checkpoint of it is written")
     elapsed = time.perf_counter() - t0
     out = {k: v / max(steps, 1) for k, v in sums.items()}
     out.update(steps=steps, skipped_steps=skipped, clips_per_s=clips / elapsed if elapsed > 0 else math.nan,

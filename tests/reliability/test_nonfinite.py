@@ -15,7 +15,7 @@ from pipeline import tracking
 from pipeline.config import load_pipeline_config
 from pipeline.faults import read_events, read_fatal
 from tests.reliability.conftest import on_gloo_ranks, write_params
-from tests.reliability.toy_training import NonFiniteOnCall, ToyRun
+from tests.reliability.toy_training import NaNGradientOnCalls, NonFiniteOnCall, ToyRun
 
 # an absurd learning rate: the first optimizer step leaves weights near 1e30, the next forward overflows
 EXPLODING = dict(lr=1.0e30, lr_backbone=1.0e30, lr_text_encoder=1.0e30, lr_text_fusion=1.0e30, epochs=1,
@@ -71,6 +71,61 @@ def test_skip_mode_skips_only_that_batch_and_counts_it(cfg):
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_nonfinite_gradient_of_a_finite_loss_stops_before_the_step(cfg):
+    """Clipping would spread one NaN gradient to every gradient and the step to every weight; the step is not
+    applied and the message names the batch whose backward produced it."""
+    run = ToyRun(cfg, lambda c: NaNGradientOnCalls(c, calls={2}))
+    before = {}
+
+    def remember(step, values):  # after step 1's optimizer step: the weights step 2 must leave untouched
+        before.update(_weights(run.model))
+
+    with pytest.raises(NonFiniteLossError) as err:
+        from torch.utils.data import DataLoader
+
+        from bifit.data import collate_fn
+        from bifit.engine import train_one_epoch
+
+        loader = DataLoader(run.dataset, batch_size=cfg.train.batch_size, collate_fn=collate_fn)
+        train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.tokenizer, torch.device("cpu"), 0,
+                        cfg.train.clip_max_norm, max_steps=3, on_step=remember)
+    message = str(err.value)
+    assert re.match(r"epoch 0 step 2: non-finite gradient\(s\) of [\w.]+(, [\w.]+)*( and \d+ more)? \(loss [\d.e+-]+ "
+                    r"was finite; the step is not applied\) on samples ", message), message
+    assert str(run.criterion.poisoned_ids[0]) in message
+    after = _weights(run.model)
+    assert before and all(torch.equal(before[k], after[k]) for k in before)  # step 2 changed nothing
+
+
+def test_skip_mode_skips_a_batch_with_nonfinite_gradients_and_the_weights_stay_finite(cfg):
+    run = ToyRun(cfg, lambda c: NaNGradientOnCalls(c, calls={2}))
+    stats = run.epoch(0, skip_nonfinite=True)
+    assert stats["skipped_steps"] == 1 and stats["steps"] == 2
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_skip_mode_stops_when_every_batch_of_an_epoch_is_skipped(cfg):
+    run = ToyRun(cfg, lambda c: NaNGradientOnCalls(c, calls={1, 2, 3}))
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 0: all 3 batches were non-finite and skipped; the model has "
+                                                 r"diverged \(lower the learning rates\)$"):
+        run.epoch(0, skip_nonfinite=True)
+
+
+def test_weights_that_overflow_in_the_optimizer_step_stop_the_epoch(tmp_path, toy_data):
+    """Finite gradients, but a learning rate that takes float32 weights past 3.4e38: no checkpoint of them."""
+    huge = dict(lr=1.0e39, lr_backbone=1.0e39, lr_text_encoder=1.0e39, lr_text_fusion=1.0e39, epochs=1,
+                max_steps_per_epoch=1)
+    run = ToyRun(load_pipeline_config(write_params(tmp_path, toy_data, train=huge)))
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 0: non-finite weights after step 1 in [\w.]+.*; the model "
+                                                 r"has diverged \(lower the learning rates\); no checkpoint of it is "
+                                                 r"written$"):
+        run.epoch(0, skip_nonfinite=True)
+
+
 def _agree(rank: int, out: dict) -> None:
     message = "epoch 0 step 7: non-finite loss term(s) loss_giou=nan on samples ['video v exp_id 1']" \
         if rank == 1 else None
@@ -124,3 +179,7 @@ def test_ray_run_skips_nonfinite_batches_and_logs_the_counter_to_mlflow(tmp_path
     assert [m.value for m in history] == [metrics["train_skipped_steps"]]
     samples = MlflowClient(cfg.mlflow.resolved_uri()).get_metric_history(out["run_id"], "skipped_samples")
     assert [m.value for m in samples] == [0]  # the data-skip counter is logged too (clean data: none)
+    from bifit.checkpoint import safe_load
+
+    exported = safe_load(out["final"]["path"])["model"]
+    assert exported and all(torch.isfinite(v).all() for v in exported.values() if v.is_floating_point())

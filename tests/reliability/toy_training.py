@@ -71,3 +71,35 @@ class NonFiniteOnCall(nn.Module):
 
     def weighted_total(self, losses):
         return self.inner.weighted_total(losses)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward; NaN backward (a finite loss whose gradient is not, as an overflow in backward gives)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNGradientOnCalls(nn.Module):
+    """Wraps the criterion: on the calls in `calls` the term `term` keeps its value but back-propagates NaN."""
+
+    def __init__(self, inner: nn.Module, calls: set[int], term: str = "loss_dice"):
+        super().__init__()
+        self.inner, self.calls_to_poison, self.term = inner, set(calls), term
+        self.calls, self.poisoned_ids = 0, []
+
+    def forward(self, outputs, targets):
+        self.calls += 1
+        losses = self.inner(outputs, targets)
+        if self.calls in self.calls_to_poison:
+            losses[self.term] = _NaNGradient.apply(losses[self.term])
+            self.poisoned_ids.append(sample_ids(targets))
+        return losses
+
+    def weighted_total(self, losses):
+        return self.inner.weighted_total(losses)
