@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -45,3 +47,18 @@ def relative_path_problem(value: str) -> str | None:
     if "\x00" in value:
         return "it contains a NUL character"
     return None
+
+
+@contextlib.contextmanager
+def staged_folder(dst: Path) -> Iterator[Path]:
+    """A fresh temporary folder next to `dst` to write into: it replaces `dst` when the block completes and is
+    removed when the block raises, so a reader never sees a half-written folder (and a rerun starts clean)."""
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

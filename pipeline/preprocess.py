@@ -22,10 +22,9 @@ import argparse
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
-from bifit.fsutil import replace_dir
+from bifit.fsutil import staged_folder
 from pipeline.config import DATASET_NAMES, PipelineConfig, load_pipeline_config, resolve
 from pipeline.download import dataset_root
 
@@ -44,19 +43,13 @@ def prepare_ytvos(cfg: PipelineConfig, raw: Path, out: Path) -> dict:
     valid = inference_videos(raw, "valid", expected_count=NUM_VALID_VIDEOS if real else None)
     train = read_videos(expressions_path(raw, "train"))
     proxy = proxy_videos(raw, cfg.datasets.ytvos_proxy.fraction)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     summary = {"dataset": "ref_youtube_vos", "raw_root": os.path.relpath(raw, out.parent.resolve()),
                "train_videos": len(train), "train_expressions": sum(len(v["expressions"]) for v in train.values()),
                "valid_videos": len(valid), "test_videos": len(read_videos(expressions_path(raw, "test"))),
                "proxy_videos": len(proxy), "proxy_fraction": cfg.datasets.ytvos_proxy.fraction}
-    try:
+    with staged_folder(out) as tmp:
         (tmp / "index.json").write_text(json.dumps({**summary, "valid": valid}, indent=1) + "\n")
         write_video_list(tmp / PROXY_LIST_NAME, proxy)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -34,7 +34,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -46,7 +45,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from bifit.data.ytvos import SampleError
-from bifit.fsutil import component_problem, replace_dir
+from bifit.fsutil import component_problem, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -373,10 +372,7 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
                                 "Release/videoset.csv, text_annotations/ and the MTTR JSON files there; "
                                 "the download stage prints where each comes from)")
     start = time.perf_counter()
-    tmp = out_root.parent / f".{out_root.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out_root) as tmp:
         skips = SkipRecorder(skip_bad_samples, "A2D-Sentences")
         summary = {"dataset": "a2d_sentences", "raw_root": str(raw_root)}
         for split in SPLITS:
@@ -400,9 +396,6 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
         summary["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / SKIPPED_NAME).write_text(json.dumps(skips.records, indent=1) + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        replace_dir(tmp, out_root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from bifit.fsutil import component_problem, replace_dir
+from bifit.fsutil import component_problem, staged_folder
 from bifit.prepare.sources import DAVIS_TEXT_PAGE
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,10 @@ def convert_ref_davis(raw_root, out_root, *, progress: bool = True) -> dict:
     unknown = sorted({v for c in columns for v in c} - listed)
     if unknown:
         notes.append(f"text annotations name {len(unknown)} video(s) not in ImageSets/2017 (ignored): {unknown}")
-    tmp = out_root.parent / f".{out_root.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     counts = {"link": 0, "copy": 0}
     index = {"dataset": "ref_davis17", "raw_root": os.path.relpath(raw_root, out_root.resolve()),
              "sequences": {}, "val": split_lists["valid"], "train": split_lists["train"]}
-    try:
+    with staged_folder(out_root) as tmp:
         total = sum(len(s) for s in split_lists.values())
         with tqdm(total=total, desc="convert Ref-DAVIS17", unit="video", disable=not progress) as bar:
             for out_split, seqs in split_lists.items():
@@ -233,9 +230,6 @@ def convert_ref_davis(raw_root, out_root, *, progress: bool = True) -> dict:
                        seconds=round(time.perf_counter() - start, 3))
         _dump(tmp / INDEX_NAME, index)
         _dump(tmp / "summary.json", summary)
-        replace_dir(tmp, out_root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for note in notes:
         log.warning("Ref-DAVIS17 conversion: %s", note)
     return summary

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bifit.data.ytvos import SampleError
-from bifit.fsutil import component_problem, relative_path_problem, replace_dir
+from bifit.fsutil import component_problem, relative_path_problem, staged_folder
 from bifit.prepare.a2d import (
     SKIPPED_NAME,
     SkipRecorder,
@@ -130,10 +129,7 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
     raw_root, out_root = Path(raw_root).resolve(), Path(out_root)
     entries = read_metadata(raw_root / METADATA_JSON)
     start = time.perf_counter()
-    tmp = out_root.parent / f".{out_root.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out_root) as tmp:
         skips = SkipRecorder(skip_bad_samples, "JHMDB-Sentences")
         by_mat = defaultdict(list)
         for k, entry in enumerate(entries):
@@ -197,7 +193,4 @@ def preprocess(raw_root, out_root, *, skip_bad_samples: bool = False, progress: 
                    "skipped": len(skips.records), "seconds": round(time.perf_counter() - start, 3)}
         (tmp / SKIPPED_NAME).write_text(json.dumps(skips.records, indent=1) + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        replace_dir(tmp, out_root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary

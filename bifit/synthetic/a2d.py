@@ -28,8 +28,6 @@ import base64
 import csv
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,7 +39,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from bifit.config import check, int_in
-from bifit.fsutil import replace_dir
+from bifit.fsutil import staged_folder
 from bifit.prepare.a2d import (
     ANNOTATION_TXT,
     COCO_GT_JSON,
@@ -157,16 +155,10 @@ def write_dataset(root: Path, manifest_name: str, generator: str, version: int, 
                               "pass overwrite=True to replace it")
     start = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with staged_folder(root) as tmp:
         summary = writer(tmp)
         dump_json({"generator": generator, "version": version, "config": config, "summary": summary},
                   tmp / manifest_name)
-        replace_dir(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "root": str(root), "generated": True, "seconds": round(time.perf_counter() - start, 3)}
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from bifit.config import check, int_in
 from bifit.data.collate import normalize_text
 from bifit.data.ytvos import expressions_path, read_videos
-from bifit.fsutil import replace_dir
+from bifit.fsutil import staged_folder
 from bifit.synthetic.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4
@@ -170,9 +168,7 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and existing is None and not overwrite:
         raise FileExistsError(f"{out_dir}: exists, is not empty and has no {ASSETS_MARKER}; pass overwrite=True")
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out_dir) as tmp:
         tokenizer = train_tokenizer(corpus, cfg)
         model = build_text_encoder(cfg, vocab_size=len(tokenizer))
         pretraining = pretrain_text_encoder(model, tokenizer, corpus, TextPretrainingConfig(
@@ -181,9 +177,6 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         (tmp / ASSETS_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -31,8 +31,6 @@ Everything is deterministic in ``SyntheticConfig.seed``: each video draws from i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from bifit.fsutil import replace_dir
+from bifit.fsutil import staged_folder
 from bifit.synthetic.config import GENERATOR_VERSION, MANIFEST_NAME, SCENES_NAME, SyntheticConfig
 from bifit.synthetic.scene import Scene, SceneObject
 from bifit.synthetic.video import Video, make_video
@@ -191,14 +189,8 @@ def generate_benchmark(cfg: SyntheticConfig, root: Path, progress: bool = True, 
                               f"(no {MANIFEST_NAME}); pass overwrite=True to replace it")
     start = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with staged_folder(root) as tmp:
         summary = _write_benchmark(cfg, tmp, progress)
-        replace_dir(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "root": str(root), "generated": True, "seconds": round(time.perf_counter() - start, 3)}
 
 
