@@ -261,10 +261,18 @@ class PipelineConfig(Config):
     def training_dict(self) -> dict:
         """The settings that determine a trained model (their hash keys the resumable run folder). Not
         model.msda_backend (kernels computing the same function); paths inside the repository as
-        repository-relative ones, so that a moved checkout resumes its runs."""
+        repository-relative ones, so that a moved checkout resumes its runs.
+
+        From `ray`: the world size (num_workers: the global batch and each rank's share of the data), use_gpu (CPU
+        and GPU kernels round differently) and, on CPU, cpus_per_worker (every worker runs
+        torch.set_num_threads(cpus_per_worker), and CPU reductions split over threads sum in another order).
+        Not address, max_failures, storage_path: where and how robustly it runs, not what it trains."""
         d = to_dict(self)
         out = {k: d[k] for k in ("model", "matcher", "loss", "data", "train", "synthetic", "text_encoder_assets")}
         del out["model"]["msda_backend"]
+        out["ray"] = {"num_workers": self.ray.num_workers, "use_gpu": self.ray.use_gpu}
+        if not self.ray.use_gpu:
+            out["ray"]["cpus_per_worker"] = self.ray.cpus_per_worker
         for section, key in (("model", "text_encoder"), ("model", "backbone_weights"), ("data", "root")):
             out[section][key] = _portable(out[section][key])
         proxy = self.datasets.ytvos_proxy

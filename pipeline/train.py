@@ -108,22 +108,29 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
 
 def _loader(cfg: PipelineConfig, dataset, world: int, rank: int):
     """(sampler with set_epoch, DataLoader): independent clips (DistributedSampler, official) or, with
-    data.batch_grouping: video, batches of one video's expressions about different objects."""
+    data.batch_grouping: video, batches of one video's expressions about different objects.
+
+    Every item is drawn from (train.seed, rank, epoch, dataset index) (bifit.data.samplers.PerSampleSeeded): the
+    same clips and augmentations with any data.num_workers, and in an epoch restarted from a checkpoint although
+    persistent workers carry their random state across epochs; the loader's own generator keeps it from drawing
+    from the training loop's torch stream."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     from bifit.data import collate_fn
-    from bifit.data.samplers import VideoGroupedBatchSampler
+    from bifit.data.samplers import EpochIndices, PerSampleSeeded, VideoGroupedBatchSampler
 
     # pinned batches let batch_inputs copy to the GPU without blocking the host
     workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                   pin_memory=cfg.ray.use_gpu and torch.cuda.is_available())
+                   pin_memory=cfg.ray.use_gpu and torch.cuda.is_available(),
+                   generator=torch.Generator().manual_seed(cfg.train.seed))
+    seeded = PerSampleSeeded(dataset, cfg.train.seed, rank)
     if cfg.data.batch_grouping == "video":
         sampler = VideoGroupedBatchSampler(dataset.samples, cfg.train.batch_size, world, rank, cfg.train.seed)
-        return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **workers)
+        return sampler, DataLoader(seeded, batch_sampler=EpochIndices(sampler), collate_fn=collate_fn, **workers)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
-    return sampler, DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
-                               drop_last=True, **workers)
+    return sampler, DataLoader(seeded, batch_size=cfg.train.batch_size, sampler=EpochIndices(sampler),
+                               collate_fn=collate_fn, drop_last=True, **workers)
 
 
 @dataclass

@@ -134,11 +134,13 @@ def check_eval_device(cfg: PipelineConfig, source: str = "params.yaml") -> None:
 
 def sweep_hash(cfg: PipelineConfig) -> str:
     """Identifies the sweep: the base training settings, evaluation, the grid, the seeds and the trial budget
-    (not the resources: rerunning with another concurrency continues the same sweep)."""
+    (not the resources: rerunning with another concurrency continues the same sweep; the train stage's `ray`
+    section, which the trials replace with tune.num_workers etc., neither: those are in each trial's key)."""
     t = cfg.tune
     what = {"grid": t.grid, "seeds": t.seeds, "trial_overrides": t.trial_overrides,
             "benchmark": t.benchmark, "eval_max_expressions": t.eval_max_expressions, "experiment": t.experiment}
-    blob = json.dumps({"training": cfg.training_dict(), "eval": eval_identity(cfg), "tune": what},
+    training = {k: v for k, v in cfg.training_dict().items() if k != "ray"}
+    blob = json.dumps({"training": training, "eval": eval_identity(cfg), "tune": what},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from bifit.config import ConfigError, flatten, load_config, to_dict
@@ -140,6 +142,32 @@ def test_training_hash_ignores_the_deformable_attention_kernel():
     assert "msda_backend" not in cfg.training_dict()["model"]
     cfg.model.inter_frame_layers += 1  # a setting that changes the model does change it
     assert cfg.training_hash() != before
+
+
+def test_training_hash_follows_the_ray_settings_that_change_the_result():
+    """Another world size, thread count (CPU) or device trains another model: a rerun must not resume the run
+    folder of the old settings. Where and how robustly it runs does not change the model."""
+    from pipeline.config import load_pipeline_config
+    from pipeline.train import run_dir
+
+    cfg = load_pipeline_config(REPO / "params.yaml")
+    assert not cfg.ray.use_gpu
+    before, folder = cfg.training_hash(), run_dir(cfg)
+    for name, value in (("max_failures", cfg.ray.max_failures + 3), ("storage_path", "/elsewhere/ray"),
+                        ("address", "ray://head:10001")):
+        other = copy.deepcopy(cfg)
+        setattr(other.ray, name, value)
+        assert other.training_hash() == before and run_dir(other) == folder, name
+    for name, value in (("num_workers", cfg.ray.num_workers + 1), ("cpus_per_worker", cfg.ray.cpus_per_worker + 1),
+                        ("use_gpu", True)):
+        other = copy.deepcopy(cfg)
+        setattr(other.ray, name, value)
+        assert other.training_hash() != before and run_dir(other) != folder, name
+    gpu = copy.deepcopy(cfg)
+    gpu.ray.use_gpu = True
+    more_threads = copy.deepcopy(gpu)
+    more_threads.ray.cpus_per_worker += 1  # on GPU workers the threads only feed the host side
+    assert more_threads.training_hash() == gpu.training_hash()
 
 
 def test_training_hash_is_the_same_in_two_checkouts(tmp_path, monkeypatch):

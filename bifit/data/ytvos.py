@@ -325,7 +325,9 @@ class YTVOSDataset(Dataset):
     expressions of the same video about other objects seen in the clip (distinct objects first), all under the
     same clip, frames and augmentation; ``collate_fn`` batches them expression-major.
     ``rng`` (clip sampling and redraws) defaults to the ``random`` module, which PyTorch reseeds in every DataLoader
-    worker; a ``random.Random`` passed here is copied into each worker with the same state.
+    worker; a ``random.Random`` passed here is copied into each worker with the same state. The training loader
+    wraps the dataset in :class:`bifit.data.samplers.PerSampleSeeded`, which reseeds the ``random`` module (and
+    NumPy, torch) per item from (seed, rank, epoch, index): keep the default for reproducible resumes.
     ``exclude_videos``: videos whose samples are not listed (e.g. the held-out videos of
     :mod:`bifit.eval.ytvos_proxy`); their metadata is still checked with the rest of the split.
     """

@@ -1,13 +1,18 @@
-"""VideoGroupedBatchSampler: one video per batch, different objects, every sample at most once, ranks disjoint."""
+"""VideoGroupedBatchSampler: one video per batch, different objects, every sample at most once, ranks disjoint.
+PerSampleSeeded + EpochIndices: an item's random draws depend on (seed, rank, epoch, index) only."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
-from bifit.data.samplers import VideoGroupedBatchSampler
+from bifit.data.samplers import EpochIndices, PerSampleSeeded, VideoGroupedBatchSampler
 
 
 @dataclass(frozen=True)
@@ -88,3 +93,64 @@ def test_pipeline_loader_uses_the_grouped_sampler_when_asked(monkeypatch):
     cfg.data.batch_grouping = "none"
     sampler, loader = _loader(cfg, Dataset(), world=1, rank=0)
     assert not isinstance(sampler, VideoGroupedBatchSampler) and len(loader) == 19 // 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-sample seeding
+
+
+class Draws:
+    """Each item: its index and one draw of each global generator a dataset or transform may use."""
+
+    samples = samples()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return i, random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def _epochs(num_workers: int, epochs, grouped: bool = False, seed: int = 3, rank: int = 0) -> list[list]:
+    """The items of each epoch in `epochs`, from one loader whose workers persist across them."""
+    data = Draws()
+    if grouped:
+        sampler = VideoGroupedBatchSampler(data.samples, 2, num_replicas=2, rank=rank, seed=seed)
+        kwargs = dict(batch_sampler=EpochIndices(sampler))
+    else:
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        kwargs = dict(batch_size=2, sampler=EpochIndices(sampler), drop_last=True)
+    loader = DataLoader(PerSampleSeeded(data, seed, rank), collate_fn=list, num_workers=num_workers,
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed), **kwargs)
+    out = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        out.append([item for batch in loader for item in batch])
+    return out
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_draws_depend_on_seed_rank_epoch_and_index_only(grouped):
+    main = _epochs(0, [0, 1, 2], grouped)
+    assert _epochs(2, [0, 1, 2], grouped) == main  # the same with worker processes (persistent across epochs)
+    assert _epochs(2, [1, 2], grouped) == main[1:]  # a run restarted at epoch 1: fresh workers, the same draws
+    assert _epochs(1, [2], grouped) == main[2:]
+    first, second = ({i: d for i, *d in epoch} for epoch in main[:2])
+    assert all(first[i] != second[i] for i in set(first) & set(second))  # another epoch: other draws
+    data = Draws()
+    key = (0, 5)
+    assert PerSampleSeeded(data, 3, 0)[key] == PerSampleSeeded(data, 3, 0)[key]
+    assert PerSampleSeeded(data, 3, 1)[key] != PerSampleSeeded(data, 3, 0)[key] != PerSampleSeeded(data, 4, 0)[key]
+
+
+def test_drawing_in_the_main_process_leaves_the_global_generators_alone():
+    """num_workers 0: the items are drawn in the training process; its own stream (dropout) must not move."""
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = random.random(), np.random.rand(), torch.rand(())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    _epochs(0, [0, 1])
+    assert (random.random(), np.random.rand(), torch.rand(())) == expected

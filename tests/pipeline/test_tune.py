@@ -100,6 +100,10 @@ def test_trial_identity_ignores_where_it_is_evaluated_but_not_bfloat16():
     assert first_key(**{"eval.amp": True}) != default
     cfg = load_pipeline_config(REPO / "params.yaml")
     assert sweep_hash(load_pipeline_config(REPO / "params.yaml", overrides={"eval.amp": True})) != sweep_hash(cfg)
+    # the trials train with tune.num_workers etc.: those key the trials; the train stage's ray section keys neither
+    assert first_key(**{"tune.num_workers": 2}) != default
+    assert first_key(**{"ray.num_workers": 3}) == default
+    assert sweep_hash(load_pipeline_config(REPO / "params.yaml", overrides={"ray.num_workers": 3})) == sweep_hash(cfg)
 
 
 def test_group_rows_mean_and_sample_std():

@@ -1,5 +1,6 @@
-"""The train stage's per-worker loop without Ray, for fast in-process checks: build the toy model, data and
-optimizer exactly as `pipeline.train.train_loop_per_worker` does and run epochs with the same seeding."""
+"""The train stage's per-worker loop without Ray, for fast in-process checks: build the toy model, data, loader
+(`pipeline.train._loader`, DataLoader workers included when `data.num_workers` > 0) and optimizer exactly as
+`pipeline.train.train_loop_per_worker` does and run epochs with the same seeding."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import random
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from bifit.data import collate_fn
 from bifit.engine import build_optimizer, sample_ids, seed_epoch, train_one_epoch
-from pipeline.train import _build, _dataset
+from pipeline.train import _build, _dataset, _loader
 
 
 class ToyRun:
@@ -25,15 +24,15 @@ class ToyRun:
         self.criterion = criterion_wrapper(criterion) if criterion_wrapper else criterion
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.train)
         self.dataset = _dataset(cfg)
+        # built once, as _distribute does: persistent DataLoader workers live across the epochs
+        self.sampler, self.loader = _loader(cfg, self.dataset, world=1, rank=0)
         self.global_step = 0
 
     def epoch(self, epoch: int, seed_each_epoch: bool = True, skip_nonfinite: bool = False) -> dict:
+        self.sampler.set_epoch(epoch)  # as pipeline.train._train_epoch does
         if seed_each_epoch:
             seed_epoch(self.cfg.train.seed, 0, epoch)
-        order = torch.Generator().manual_seed(self.cfg.train.seed + epoch)  # DistributedSampler(seed + epoch)
-        loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, collate_fn=collate_fn,
-                            sampler=torch.randperm(len(self.dataset), generator=order).tolist(), drop_last=True)
-        stats = train_one_epoch(self.model, self.criterion, loader, self.optimizer, self.tokenizer,
+        stats = train_one_epoch(self.model, self.criterion, self.loader, self.optimizer, self.tokenizer,
                                 torch.device("cpu"), epoch, self.cfg.train.clip_max_norm,
                                 max_steps=self.cfg.train.max_steps_per_epoch, skip_nonfinite=skip_nonfinite,
                                 global_step=self.global_step)
