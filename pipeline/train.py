@@ -39,6 +39,8 @@ from pipeline.faults import (
     append_event,
     clear_fatal,
     fatal_error,
+    is_deterministic,
+    raised_in,
     read_fatal,
     unwrap_worker_error,
     write_fatal,
@@ -50,10 +52,16 @@ LOSS_HEADER = "step,epoch,loss,loss_mask,loss_dice\n"
 
 
 def truncate_loss_csv(path: Path, last_step: int) -> None:
-    """Keep the rows up to the step we resume from (later ones will be trained again)."""
-    rows = path.read_text().splitlines()[1:] if path.exists() else []
-    kept = [r for r in rows if r and int(r.split(",")[0]) <= last_step]
-    path.write_text(LOSS_HEADER + "".join(r + "\n" for r in kept))
+    """Keep the rows up to the step we resume from (later ones will be trained again), as written: the header, then
+    every whole row (all its fields and the newline; not the last line of a process killed mid-write) of a step
+    <= `last_step`. Replaced atomically, so a kill here loses no row."""
+    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
+    width = LOSS_HEADER.count(",") + 1
+    kept = [line for line in lines if line.endswith("\n") and len(fields := line.split(",")) == width
+            and fields[0].isdigit() and int(fields[0]) <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(LOSS_HEADER + "".join(kept))
+    os.replace(tmp, path)
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
@@ -161,16 +169,29 @@ class _Worker:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: set up, resume, distribute, then per epoch: train, checkpoint (rank 0),
-    report."""
+    report. An error a retry would raise again (faults.is_deterministic: bad data, settings or checkpoint, a
+    non-finite loss, a model file that cannot be loaded) is recorded by the rank that hit it (faults.write_fatal,
+    first one wins) before it propagates: the worker group Ray Train restarts then ends at once, and the driver
+    raises the recorded error. Other errors (a lost worker or node) are retried from the last checkpoint."""
     if read_fatal(config["run_dir"]) is not None:  # stopped for good earlier in this run: a retry would repeat it
         return
-    worker = _set_up(config)
-    _resume(worker)
-    _distribute(worker)
-    for epoch in range(worker.start_epoch, worker.cfg.train.epochs):
-        metrics = _train_epoch(worker, epoch)
-        checkpoint = _save_checkpoint(worker, epoch, metrics) if worker.rank == 0 else None
-        _report(worker, epoch, metrics, checkpoint)
+    try:
+        worker = _set_up(config)
+        _resume(worker)
+        _distribute(worker)
+        for epoch in range(worker.start_epoch, worker.cfg.train.epochs):
+            metrics = _train_epoch(worker, epoch)
+            checkpoint = _save_checkpoint(worker, epoch, metrics) if worker.rank == 0 else None
+            _report(worker, epoch, metrics, checkpoint)
+    except Exception as err:
+        if is_deterministic(err, building_model=raised_in(err, _build)):
+            import ray.train
+
+            try:
+                write_fatal(config["run_dir"], err, ray.train.get_context().get_world_rank())
+            except OSError as failed:  # the run folder unwritable: Ray retries, and the error itself still shows
+                err.add_note(f"(could not record it in {config['run_dir']}: {failed})")
+        raise
 
 
 def _set_up(config: dict) -> _Worker:
@@ -201,8 +222,10 @@ def _set_up(config: dict) -> _Worker:
 
 
 def _resume(w: _Worker) -> None:
-    """Continue from the newest readable checkpoint, if any: weights, optimizer, scheduler, step, run totals; rank 0
-    drops the loss-CSV rows after it and records a `start` or `resume` event."""
+    """Continue from the newest readable checkpoint, if any (the run folder's or Ray's copy): weights, optimizer,
+    scheduler, step, run totals. Rank 0 keeps the loss-CSV rows up to the step resumed from, wherever the
+    checkpoint came from (none without one: training starts again at step 1), and records a `start` or `resume`
+    event."""
     ckpt = _newest_checkpoint(w)
     if ckpt is not None:
         w.model.load_state_dict(ckpt["model"])
@@ -213,8 +236,8 @@ def _resume(w: _Worker) -> None:
         w.redrawn = ckpt.get("redrawn_samples", 0)
         if w.rank == 0:
             print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch'] + 1} done)", flush=True)
-            truncate_loss_csv(w.loss_csv, w.global_step)
     if w.rank == 0:
+        truncate_loss_csv(w.loss_csv, w.global_step)
         append_event(w.folder, "resume" if ckpt else "start", epoch=w.start_epoch, global_step=w.global_step,
                      checkpoint=ckpt and ckpt["path"], world_size=w.world)
 
@@ -253,22 +276,17 @@ def _distribute(w: _Worker) -> None:
 
 def _train_epoch(w: _Worker, epoch: int) -> dict:
     """One epoch on this rank; returns its metrics with the run totals. A non-finite loss (not skipped) stops the
-    run for good: rank 0 records it (faults.write_fatal), then every rank raises the same gathered message."""
-    from bifit.engine import NonFiniteLossError, seed_epoch, train_one_epoch
+    run for good: every rank raises the same gathered NonFiniteLossError, recorded by train_loop_per_worker."""
+    from bifit.engine import seed_epoch, train_one_epoch
 
     cfg = w.cfg
     w.sampler.set_epoch(epoch)
     seed_epoch(cfg.train.seed, w.rank, epoch)  # a restarted epoch replays the uninterrupted run's draws
     on_step, close = _step_logger(w, epoch)
-    try:
-        stats = train_one_epoch(w.model, w.criterion, w.loader, w.optimizer, w.tokenizer, w.device, epoch,
-                                cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
-                                skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
-                                on_step=on_step, global_step=w.global_step)
-    except NonFiniteLossError as err:  # every rank raises the same gathered message
-        if w.rank == 0:
-            write_fatal(w.folder, err, w.rank)
-        raise
+    stats = train_one_epoch(w.model, w.criterion, w.loader, w.optimizer, w.tokenizer, w.device, epoch,
+                            cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
+                            skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
+                            on_step=on_step, global_step=w.global_step)
     close()
     w.global_step = stats["global_step"]
     w.scheduler.step()
@@ -402,16 +420,17 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, end_r
     run_id, owned = start_mlflow_run(cfg, folder)
     with tracking.run_status(uri, run_id, finish=end_run, enabled=owned):
         loss_csv = folder / "loss.csv"
-        if not loss_csv.exists() or latest_checkpoint(folder) is None:
-            loss_csv.write_text(LOSS_HEADER)
+        if not loss_csv.exists() or loss_csv.stat().st_size == 0:  # rows kept: the workers' _resume truncates them
+            loss_csv.write_text(LOSS_HEADER)  # to the checkpoint they resume from (the run folder's or Ray's copy)
         log.info("run folder %s; MLflow run %s at %s (browse: mlflow ui --backend-store-uri %s)", folder, run_id,
                  uri, uri)
         started_here = _start_ray(cfg, ray_init_kwargs)
         t0 = time.time()
         try:
             result = _trainer(cfg, folder, run_id, loss_csv).fit()
-        except TrainingFailedError as err:  # the worker's own error (file, step, key), not Ray's wrapper
-            raise (unwrap_worker_error(err, folder) or err) from None
+        except TrainingFailedError as err:  # the recorded or the worker's own error (file, step, key), not Ray's
+            fatal = read_fatal(folder)
+            raise (fatal_error(fatal, folder) if fatal else unwrap_worker_error(err, folder) or err) from None
         finally:
             if started_here:
                 ray.shutdown()
