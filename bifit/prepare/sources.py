@@ -1,5 +1,5 @@
-"""Where the four benchmarks come from and what a complete download looks like (all paths relative to the
-dataset root).
+"""Where the four benchmarks (and the RefCOCO/+/g image data ReferFormer pretrains on) come from and what a complete download
+looks like (all paths relative to the dataset root).
 
 For every dataset: the files to obtain (:class:`SourceFile`: a direct URL when the file is publicly fetchable,
 otherwise the page to download it from by hand, and where to put it), the archives among them and the folder
@@ -47,6 +47,10 @@ DAVIS_TEXT_PAGE = ("https://www.mpi-inf.mpg.de/departments/computer-vision-and-m
 A2D_PAGE = "https://kgavrilyuk.github.io/publication/actor_action/"
 A2D_JSON_PAGE = "https://drive.google.com/drive/folders/1qYsJEGQxhKM99HSp6bkS11G-85f5NSB-?usp=sharing (MTTR JSON files)"
 JHMDB_JSON_PAGE = "https://drive.google.com/drive/folders/1lzn4W9m8wF2cFfu7Zdde4nI215yU2CKb?usp=sharing (MTTR JSON files)"
+COCO_PAGE = "https://cocodataset.org/#download"
+REFER_PAGE = "https://github.com/lichengunc/refer (its README links the refcoco, refcoco+ and refcocog zips)"
+COCO_TRAIN2014_IMAGES = 82783  # exact: the COCO 2014 train set
+REFCOCO_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # the refs file each dataset uses
 
 SOURCES: dict[str, list[SourceFile]] = {
     "ytvos": [
@@ -98,9 +102,19 @@ SOURCES: dict[str, list[SourceFile]] = {
         SourceFile("jhmdb_sentences_gt_annotations_in_coco_format.json",
                    "jhmdb_sentences_gt_annotations_in_coco_format.json", JHMDB_JSON_PAGE),
     ],
+    # ReferFormer's layout (data/coco): train2014/ plus one folder per refer dataset; the refer zips unpack into
+    # refcoco/, refcoco+/, refcocog/ (bifit.prepare.refcoco converts them)
+    "refcoco": [
+        SourceFile("train2014.zip", "train2014.zip", COCO_PAGE, url="http://images.cocodataset.org/zips/train2014.zip",
+                   extract_to=".", note="train2014/*.jpg, the 82,783 COCO 2014 train images (about 13 GB)"),
+        *(SourceFile(f"{d}.zip", f"{d}.zip", REFER_PAGE, extract_to=".",
+                     note=f"{d}/instances.json and {d}/refs({s}).p (the zip's other refs files are not used)")
+          for d, s in REFCOCO_SPLIT_BY.items()),
+    ],
 }
 
-TITLES = {"ytvos": "Ref-YouTube-VOS", "davis": "Ref-DAVIS17", "a2d": "A2D-Sentences", "jhmdb": "JHMDB-Sentences"}
+TITLES = {"ytvos": "Ref-YouTube-VOS", "davis": "Ref-DAVIS17", "a2d": "A2D-Sentences", "jhmdb": "JHMDB-Sentences",
+          "refcoco": "RefCOCO/+/g"}
 
 YTVOS_TRAIN_VIDEOS = 3471  # exact: train.zip is one fixed set, all listed in the train meta_expressions
 YTVOS_VALID_VIDEOS = 202  # minimum: valid.zip holds these 202, other copies all 507 of the valid meta
@@ -149,9 +163,19 @@ def real_manifest(name: str) -> Manifest:
                  Expect("puppet_mask", "dir", min_count=1, entries="dirs", source="puppet_mask.zip"),
                  Expect("jhmdb_annotation.txt", lines=929, source="jhmdb_annotation.txt")]
         items += [Expect(f.dest, source=f.page) for f in SOURCES["jhmdb"] if f.name.endswith(".json")]
+    elif name == "refcoco":
+        items = [Expect("train2014", "dir", count=COCO_TRAIN2014_IMAGES, pattern="*.jpg", entries="files",
+                        source="train2014.zip")]
+        items += _refer_files(REFCOCO_SPLIT_BY, with_source=True)
     else:
         raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(SOURCES)}")
     return Manifest(TITLES[name], items)
+
+
+def _refer_files(datasets: dict[str, str], with_source: bool) -> list[Expect]:
+    """instances.json and refs(<splitBy>).p of each refer dataset (name -> splitBy)."""
+    return [Expect(f"{d}/{f}", source=f"{d}.zip from {REFER_PAGE}" if with_source else "")
+            for d, s in datasets.items() for f in ("instances.json", f"refs({s}).p")]
 
 
 def synthetic_manifest(name: str, cfg) -> Manifest:
@@ -186,6 +210,10 @@ def synthetic_manifest(name: str, cfg) -> Manifest:
                  Expect("puppet_mask", "dir", min_count=1, entries="dirs"),
                  Expect("jhmdb_annotation.txt", lines=cfg.num_videos + 1), Expect("SYNTHETIC_JHMDB.json")]
         items += [Expect(f.dest) for f in SOURCES["jhmdb"] if f.name.endswith(".json")]
+    elif name == "refcoco":
+        items = [Expect("train2014", "dir", count=cfg.num_images, pattern="*.jpg", entries="files"),
+                 Expect("SYNTHETIC_REFCOCO.json")]
+        items += _refer_files({d: REFCOCO_SPLIT_BY[d] for d in cfg.datasets}, with_source=False)
     else:
         raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(SOURCES)}")
     return Manifest(f"{TITLES[name]} (synthetic)", items)

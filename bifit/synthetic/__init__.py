@@ -6,6 +6,7 @@ and the tiny text encoder saved with `save_pretrained`.
     expressions.py   candidate descriptions and their wording   video.py        one video with its expressions
     ytvos.py         the Ref-YouTube-VOS writer (the main one)  davis.py, a2d.py, jhmdb.py   the other benchmarks
     text_encoder.py  the tiny text encoder's tokenizer, config  text_pretraining.py  its masked-LM pretraining
+    refcoco.py       RefCOCO/+/g in the refer format: stills of the videos, expressions decided per still
 """
 
 from bifit.synthetic.config import SYNTHETIC_CATEGORIES, SyntheticConfig
