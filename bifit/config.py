@@ -41,10 +41,14 @@ def int_in(value: Any, lo: int, hi: int) -> bool:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    backbone_weights: str | None = None  # local torchvision-format ResNet file; never downloaded
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "swin_t_p4w7", "swin_s_p4w7", "swin_b_p4w7",
+                      "swin_l_p4w7", "video_swin_t_p4w7", "video_swin_s_p4w7", "video_swin_b_p4w7"] = "resnet50"
+    # local file, never downloaded: a torchvision-format ResNet, an official Swin ImageNet or Video-Swin Kinetics
+    # release (bifit/models/backbone.py)
+    backbone_weights: str | None = None
     train_backbone: bool = True  # lr_backbone > 0 in the official code: layer2-4 trainable
     backbone_trainable_layers: int = 3  # of layer4, layer3, layer2, layer1, stem (torchvision order); official 3
+    # (Swin: of stage 4, 3, 2, 1, patch embedding)
     backbone_norm: Literal["frozen_batch_norm", "batch_norm", "group_norm"] = "frozen_batch_norm"
     dilation: bool = False
     text_encoder: str = "roberta-base"  # hub id or local directory written with save_pretrained
@@ -93,6 +97,12 @@ class ModelConfig:
         check(not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{where}.dilation",
               f"false with {where}.backbone {self.backbone!r} (its BasicBlock cannot dilate; use resnet50/101)",
               self.dilation)
+        swin = self.backbone.startswith(("swin_", "video_swin_"))
+        check(not (self.dilation and swin), f"{where}.dilation",
+              f"false with {where}.backbone {self.backbone!r} (only a ResNet dilates)", self.dilation)
+        check(not swin or self.backbone_norm == "frozen_batch_norm", f"{where}.backbone_norm",
+              f"'frozen_batch_norm' (the default) with {where}.backbone {self.backbone!r} (Swin bodies use their own "
+              "LayerNorms)", self.backbone_norm)
 
 
 @dataclass

@@ -34,8 +34,9 @@ def check_model_sources(cfg: PipelineConfig) -> None:
     hub id that transformers resolves (from its cache or the hub), checked here rather than in every worker."""
     m = cfg.model
     if m.backbone_weights is not None and not Path(m.backbone_weights).is_file():
-        raise ConfigError(f"model.backbone_weights: expected a torchvision-format ResNet weights file, but "
-                          f"{m.backbone_weights} does not exist (set it to null to start from random weights)")
+        raise ConfigError(f"model.backbone_weights: expected a weights file (torchvision ResNet or official "
+                          f"Swin/Video-Swin release), but {m.backbone_weights} does not exist (set it to null to "
+                          "start from random weights)")
     local = resolve(m.text_encoder)
     if local.exists():
         if not (local / "config.json").is_file():

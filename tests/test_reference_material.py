@@ -22,7 +22,7 @@ SCANNED = ("bifit", "ops", "pipeline", "tests", "bench", "notebooks", "Makefile"
 def test_goldens_match_their_pinned_checksums():
     pinned = dict(reversed(line.split("  ")) for line in (GOLDEN / "SHA256SUMS").read_text().splitlines())
     assert set(pinned) == {"official_public_slim.pt", "ms_deform_attn_public.pt", "davis_metrics_public.npz",
-                           "a2d_metrics_public.npz", "official_state_dict.tsv"}
+                           "a2d_metrics_public.npz", "official_state_dict.tsv", "backbones_public.pt"}
     for name, digest in pinned.items():
         assert hashlib.sha256((GOLDEN / name).read_bytes()).hexdigest() == digest, f"tests/golden/{name} changed"
 

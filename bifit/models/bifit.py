@@ -138,13 +138,17 @@ class BIFIT(nn.Module):
         """The text-independent part: backbone levels, their masks and positions, projected inputs."""
         b, t = images.shape[:2]
         dtype = images.dtype
-        if valid_indices is not None:
-            # only the annotated frame continues; the backbone works per frame, so select before it
-            rows = torch.arange(b, device=images.device)
+        rows = torch.arange(b, device=images.device)
+        if valid_indices is not None and not self.backbone.temporal:
+            # only the annotated frame continues; a per-frame backbone needs only that frame, so select before it
             images, image_mask = images[rows, valid_indices][:, None], image_mask[rows, valid_indices][:, None]
             t = 1
         images, image_mask = images.flatten(0, 1), image_mask.flatten(0, 1)
-        feats = self.backbone(images)  # res2..res5, [(b t), c_l, h_l, w_l]
+        feats = self.backbone(images, t)  # res2..res5, [(b t), c_l, h_l, w_l]
+        if valid_indices is not None and self.backbone.temporal:
+            # a clip-level backbone (Video-Swin) sees every frame; frame b*t + valid_indices[b] continues
+            keep = rows * t + valid_indices
+            feats, image_mask, t = [f[keep] for f in feats], image_mask[keep], 1
         masks = [_resize_mask(image_mask, f.shape[-2:]) for f in feats]
         poses = [sine_position_2d(m, self.cfg.hidden_dim // 2, dtype=dtype) for m in masks]
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats[-3:])]

@@ -233,8 +233,8 @@ BAD_PARAMS_PREFLIGHT = [
     ("a mistyped hub id", {"model": {"text_encoder": "roberta-bsae"}},
      r"model\.text_encoder: 'roberta-bsae' is neither a local folder nor a hub model transformers can load here"),
     ("backbone weights that are not there", {"model": {"backbone_weights": "weights/resnet18-missing.pth"}},
-     r"model\.backbone_weights: expected a torchvision-format ResNet weights file, but .*resnet18-missing\.pth does "
-     r"not exist"),
+     r"model\.backbone_weights: expected a weights file \(torchvision ResNet or official Swin/Video-Swin release\), "
+     r"but .*resnet18-missing\.pth does not exist"),
     ("a batch larger than the data", {"train": {"batch_size": 1000}},
      r"train\.batch_size: \d+ training samples in .* cannot fill one step of train\.batch_size \(1000\) x "
      r"ray\.num_workers \(2\)"),
