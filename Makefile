@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the tested versions of every dependency (pyproject.toml keeps the supported ranges)
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test test-all demo lint bench clean
+.PHONY: setup test test-all demo lint bench browser clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,17 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/model.py
+
+# the distribution's Chromium and its driver for the web demo's browser test (tests/test_app.py skips without them;
+# Debian/Ubuntu package names; root or sudo)
+browser:
+	@if command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null; then \
+	  echo "chromium and chromedriver: installed"; \
+	else \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver; \
+	fi
 
 clean:
 	rm -rf build .pytest_cache

@@ -1,5 +1,7 @@
 """BIFIT for referring video object segmentation. ``bifit.load_model`` loads a trained model (ours or an official
-BIFIT/ReferFormer file) with the architecture it was trained with (:mod:`bifit.loading`)."""
+BIFIT/ReferFormer file) with the architecture it was trained with (:mod:`bifit.loading`); its ``segment(video,
+sentences)`` segments a user's video (:mod:`bifit.segment`, also ``python -m bifit.segment`` and the web page
+``python -m bifit.app``)."""
 
 from __future__ import annotations
 

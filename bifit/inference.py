@@ -70,6 +70,7 @@ class VideoPrediction:
     masks: torch.Tensor  # [t, H0, W0] bool at the original frame size
     queries: list[int]  # the chosen query per window
     scores: list[float]  # its mean score per window
+    frame_scores: torch.Tensor | None = None  # [t] float32: the chosen query's score in each frame
 
 
 @torch.no_grad()
@@ -81,7 +82,7 @@ def predict_video(model, tokenizer, frames: torch.Tensor, captions: list[str], o
     device = model_device(model)
     t, _, h, w = frames.shape
     window = window or t
-    per_caption = [([], [], []) for _ in captions]
+    per_caption = [([], [], [], []) for _ in captions]
     for start in range(0, t, window):
         clip = to_device(frames[start : start + window], device)[None]  # [1, t', 3, h, w], unpadded
         image_mask = torch.zeros((1, clip.shape[1], h, w), dtype=torch.bool, device=device)
@@ -97,8 +98,10 @@ def predict_video(model, tokenizer, frames: torch.Tensor, captions: list[str], o
             outputs = float32_outputs(outputs)
             for k in range(len(chunk)):
                 binary, _, best, score = video_masks(outputs, (h, w), orig_size, threshold, clip=k)
-                masks, queries, scores = per_caption[first + k]
+                masks, queries, scores, frame_scores = per_caption[first + k]
                 masks.append(binary.cpu())
                 queries.append(best)
                 scores.append(score)
-    return [VideoPrediction(torch.cat(m), q, s) for m, q, s in per_caption]
+                # [t', q, classes] -> [t']: the chosen query's score per frame (its mean over frames is `score`)
+                frame_scores.append(outputs["pred_logits"][k, :, best].sigmoid().amax(-1).cpu())
+    return [VideoPrediction(torch.cat(m), q, s, torch.cat(f)) for m, q, s, f in per_caption]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ from bifit.checkpoint import (
 from bifit.config import ConfigError, ModelConfig, from_dict, to_dict
 
 OFFICIAL_TEXT_ENCODER = "roberta-base"  # what the official code loads (its args do not name a text encoder)
+RUN_ID = re.compile(r"(?:runs:/)?([0-9a-f]{32})/?")  # an MLflow run id, bare or as runs:/<id>
+# MLflow run ids are resolved by the pipeline package, the one place that talks to MLflow: the library never imports
+# MLflow, so the resolver is imported by name, only when a run id is given (`import bifit` stays free of it).
+RUN_RESOLVER = "pipeline.run_checkpoint"
 # ModelConfig fields that leave the state dict's keys and shapes unchanged
 OVERRIDABLE = ("text_encoder", "msda_backend", "backbone_weights", "train_backbone", "backbone_trainable_layers",
                "freeze_text_encoder", "dropout")
@@ -51,6 +57,15 @@ class LoadedModel:
     tokenizer: Any  # of config.text_encoder
     checkpoint: dict  # the file's other entries (ours: format, config, epoch, mlflow_run_id, ...; official: args, ...)
     official: bool  # an official BIFIT/ReferFormer file
+
+    def segment(self, video, texts, config=None, *, progress: bool = False, **options):
+        """Segment `video` (a video file, a frame folder, an image or uint8 [T, H, W, 3]) with each sentence of
+        `texts`: one :class:`bifit.segment.ExpressionResult` per sentence (``.masks`` [T, H, W] bool, ``.save``).
+        Options: :class:`bifit.segment.SegmentConfig` fields (``window``, ``every``, ``amp``, ...)."""
+        # imported by name: the pipeline stages load models but never segment a user's video, so the video tool
+        # (PyAV, the overlay writer) is not among their DVC dependencies (tests/dvc/imports.py follows imports)
+        return importlib.import_module("bifit.segment").segment(self, video, texts, config, progress=progress,
+                                                                 **options)
 
 
 def model_config_from_official_args(args: dict, where: str = "args",
@@ -136,13 +151,37 @@ def _apply_overrides(cfg: ModelConfig, overrides: dict, where: str) -> ModelConf
     return cfg
 
 
+def run_id_of(spec) -> str | None:
+    """The MLflow run id `spec` names (a 32-hex id or ``runs:/<id>``) when it is not a file here, else None."""
+    match = RUN_ID.fullmatch(str(spec))
+    return match.group(1) if match and not Path(spec).exists() else None
+
+
+def resolve_checkpoint(spec, tracking_uri: str | None = None) -> tuple[Path, str | None]:
+    """(the checkpoint file, a text encoder to fall back on or None) of a path or an MLflow run id (the run's
+    checkpoint, downloaded from its store by ``pipeline.run_checkpoint``; store: `tracking_uri`, else
+    MLFLOW_TRACKING_URI, else params.yaml's)."""
+    run_id = run_id_of(spec)
+    if run_id is None:
+        return Path(spec), None
+    try:
+        resolver = importlib.import_module(RUN_RESOLVER)
+    except ImportError as err:
+        raise CheckpointError(f"checkpoint {spec}: looks like an MLflow run id, which needs the project's pipeline "
+                              f"package and mlflow ({err}); pass the checkpoint file instead") from None
+    path, text_encoder = resolver.checkpoint_of_run_id(run_id, tracking_uri)
+    return Path(path), None if text_encoder is None else str(text_encoder)
+
+
 def load_model(path_or_official_file, overrides: dict | None = None, device=None, *,
-               architecture: ModelConfig | None = None, text_encoder_fallback: str | None = None) -> LoadedModel:
+               architecture: ModelConfig | None = None, text_encoder_fallback: str | None = None,
+               tracking_uri: str | None = None) -> LoadedModel:
     """Build the architecture a checkpoint was trained with, load its weights strictly and return the model in
     eval mode on ``device`` with its config and tokenizer (module docstring).
 
     path_or_official_file: one of our checkpoints or an official BIFIT/ReferFormer file (read with
-        ``torch.load(weights_only=True)``: a pickle that would run code is refused).
+        ``torch.load(weights_only=True)``: a pickle that would run code is refused), or an MLflow run id
+        (``runs:/<id>`` too) whose checkpoint is fetched from the store `tracking_uri` (:func:`resolve_checkpoint`).
     overrides: ModelConfig fields that do not change the architecture (:data:`OVERRIDABLE`), e.g.
         ``{"msda_backend": "pytorch"}`` or ``{"text_encoder": "/path/roberta-base"}``.
     device: a ``torch.device``, or ``auto`` | ``cpu`` | ``cuda`` (None: auto, the GPU when torch sees one; cuda
@@ -159,9 +198,10 @@ def load_model(path_or_official_file, overrides: dict | None = None, device=None
     from bifit.inference import resolve_device
     from bifit.models import build_model
 
-    path = Path(path_or_official_file)
-    where = f"checkpoint {path}"
     device = device if isinstance(device, torch.device) else resolve_device(device or "auto", "device")
+    path, run_text_encoder = resolve_checkpoint(path_or_official_file, tracking_uri)
+    text_encoder_fallback = text_encoder_fallback or run_text_encoder
+    where = f"checkpoint {path}"
     obj = safe_load(path)
     cfg, official = _recorded_architecture(obj, where, architecture, text_encoder_fallback)
     overrides = dict(overrides or {})
