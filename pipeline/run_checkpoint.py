@@ -35,15 +35,11 @@ def logged_text_encoder(uri: str, run_id: str, dst: Path) -> Path | None:
     if (folder / "config.json").is_file():
         return folder
     try:
-        import mlflow.artifacts
-
-        got = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"runs:/{run_id}/{tracking.MODEL_NAME}/artifacts/text_encoder", dst_path=str(dst),
-            tracking_uri=uri)
+        got = tracking.download_logged_model_file(uri, run_id, "artifacts/text_encoder", dst)
     except Exception as err:  # noqa: BLE001 - optional: the checkpoint's own text encoder is used
         log.info("run %s: no logged text encoder (%s)", run_id, err)
         return None
-    return Path(got)
+    return got
 
 
 def checkpoint_of_run_id(run_id: str, tracking_uri: str | None = None) -> tuple[Path, Path | None]:

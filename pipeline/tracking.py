@@ -311,6 +311,15 @@ def download_artifact(c: MlflowClient, run_id: str, path: str, dst: Path) -> Pat
     return Path(c.download_artifacts(run_id, path, str(dst)))
 
 
+def download_logged_model_file(uri: str, run_id: str, path: str, dst: Path) -> Path:
+    """`path` inside the run's logged model (`runs:/<run id>/bifit/<path>`), downloaded to `dst`; raises
+    MlflowException (or OSError) when the run logged no such model or file."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{MODEL_NAME}/{path}",
+                                                    dst_path=str(dst), tracking_uri=uri))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the model as an MLflow pyfunc model
 
