@@ -138,10 +138,11 @@ def download(cfg: PipelineConfig, name: str, fetch_missing: bool = False, progre
         manifest = real_manifest(name)
     if settings.pins:
         manifest = with_pins(manifest, read_pins(resolve(settings.pins)))
-    result = verify(manifest, root)
+    cache = status_dir / f"{name}.checksum-cache.json"  # not in the data folder: generate's output for ytvos
+    result = verify(manifest, root, cache)
     report.update(ok=result.ok, problems=result.problems, found=result.checked)
     files = [e.path for e in manifest.items if e.kind == "file" and (root / e.path).is_file()]
-    sums = checksums(root, files)
+    sums = checksums(root, files, cache)
     report["sha256"] = sums
     (status_dir / f"{name}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (status_dir / f"{name}.sha256").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums.items())))

@@ -105,8 +105,8 @@ class VerifyReport:
 
 
 class _ChecksumCache:
-    def __init__(self, root: Path):
-        self.path = root / CHECKSUM_CACHE
+    def __init__(self, root: Path, cache_file: Path | None = None):
+        self.path = Path(cache_file) if cache_file is not None else root / CHECKSUM_CACHE
         try:
             self.data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -151,11 +151,13 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def verify(manifest: Manifest, root) -> VerifyReport:
-    """Check every entry of ``manifest`` below ``root``; the report lists all problems."""
+def verify(manifest: Manifest, root, cache_file: Path | None = None) -> VerifyReport:
+    """Check every entry of ``manifest`` below ``root``; the report lists all problems. ``cache_file``: where the
+    checksum cache lives (default ``<root>/.bifit_checksums.json``; elsewhere when ``root`` is another stage's output,
+    which a file written into it would change)."""
     root = Path(root)
     problems, checked = [], {}
-    cache = _ChecksumCache(root)
+    cache = _ChecksumCache(root, cache_file)
     for e in manifest.items:
         path = root / e.path
         hint = f" (from {e.source})" if e.source else ""
@@ -215,10 +217,10 @@ def with_pins(manifest: Manifest, pins: dict[str, str]) -> Manifest:
     return Manifest(manifest.name, items)
 
 
-def checksums(root, paths) -> dict[str, str]:
+def checksums(root, paths, cache_file: Path | None = None) -> dict[str, str]:
     """SHA-256 of the given root-relative files (cached), e.g. to write a pins file after a first check."""
     root = Path(root)
-    cache = _ChecksumCache(root)
+    cache = _ChecksumCache(root, cache_file)
     out = {p: cache.sha256(p, root / p) for p in paths}
     cache.save()
     return out

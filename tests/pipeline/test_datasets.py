@@ -79,6 +79,23 @@ def test_download_verifies_and_is_idempotent(stages):
     assert any(line.endswith("  davis_text_annotations/Davis17_annot2.txt") for line in sums)
 
 
+def test_download_writes_nothing_into_the_data_it_verifies(stages):
+    """The Ref-YouTube-VOS folder is the generate stage's DVC output: a file written into it (the checksum cache)
+    would make every later `dvc repro` see generate's output changed and run it again."""
+    from pipeline import download
+    from pipeline.config import resolve
+
+    tmp, _, cfg, _, _, _, _ = stages
+    for name in ("ytvos", "davis", "a2d", "jhmdb"):
+        root = download.dataset_root(cfg, name)
+        assert not list(root.rglob(".bifit_checksums.json")), name
+        assert (resolve(cfg.datasets.status) / f"{name}.checksum-cache.json").is_file()
+    root = download.dataset_root(cfg, "ytvos")
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    download.download(cfg, "ytvos", progress=False)
+    assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+
+
 def test_real_source_prints_instructions_extracts_and_reports_every_problem(stages, tmp_path, capsys):
     from bifit.prepare.manifest import ManifestError
     from pipeline import download
