@@ -142,7 +142,11 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/synthetic/ref-youtube-vos"  # the training data, in the Ref-YouTube-VOS format
+    # the video training set: ytvos = the Ref-YouTube-VOS-format data at `root`; a2d = the A2D-Sentences train
+    # split (the pipeline reads it from the a2d preprocess output; one annotated frame per clip, as the official
+    # A2D training)
+    dataset: Literal["ytvos", "a2d"] = "ytvos"
+    root: str = "data/synthetic/ref-youtube-vos"  # the Ref-YouTube-VOS-format training data
     num_frames: int = 6
     train_scales: list[int] = field(default_factory=lambda: [288, 320, 352, 392, 416, 448, 480, 512])
     max_size: int = 640
@@ -178,6 +182,9 @@ class DataConfig:
         check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
         check(self.expressions_per_clip >= 1, f"{where}.expressions_per_clip", "an integer >= 1",
               self.expressions_per_clip)
+        check(self.dataset == "ytvos" or (self.expressions_per_clip == 1 and self.batch_grouping == "none"),
+              f"{where}.dataset", "'ytvos' with expressions_per_clip > 1 or batch_grouping 'video' (A2D clips have one "
+              "annotated expression and no per-video grouping)", self.dataset)
 
 
 @dataclass
@@ -200,6 +207,13 @@ class TrainConfig:
     # true: torch.use_deterministic_algorithms (warn-only) and deterministic cuDNN/cuBLAS; CPU runs are bitwise
     # reproducible without it, GPU runs only up to the ops that have no deterministic CUDA kernel (README)
     deterministic: bool = False
+    # what the train stage trains on and from (pipeline/train.py): scratch = the video training set from random
+    # weights; pretrain_finetune = the pretrain stage's model (image datasets) fine-tuned on it; joint = the video
+    # set and the image datasets mixed, from random weights
+    recipe: Literal["scratch", "pretrain_finetune", "joint"] = "scratch"
+    # a checkpoint (ours or an official file) the train stage starts from, minus the class heads (as the official
+    # --pretrained_weights); with recipe pretrain_finetune the pretrain stage's model instead
+    start_from: str | None = None
 
     def validate(self, where: str = "train"):
         check(self.epochs >= 1, f"{where}.epochs", "an integer >= 1", self.epochs)
@@ -212,6 +226,9 @@ class TrainConfig:
         check(all(e >= 1 for e in self.lr_drop), f"{where}.lr_drop", "a list of epochs >= 1", self.lr_drop)
         check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, f"{where}.max_steps_per_epoch",
               "null or an integer >= 1", self.max_steps_per_epoch)
+        check(self.start_from is None or (bool(self.start_from) and self.recipe != "pretrain_finetune"),
+              f"{where}.start_from", "null with recipe pretrain_finetune (it starts from the pretrain stage's model), "
+              "else null or a checkpoint path", self.start_from)
 
 
 @dataclass
@@ -255,7 +272,6 @@ RETIRED_KEYS = {
     (ModelConfig, "mask_dim"): (lambda d: d.get("hidden_dim", ModelConfig.hidden_dim),
                                 "equal to {where}.hidden_dim ({value})"),
     (LossConfig, "mask_out_stride"): (lambda d: 4, "4 (masks are predicted at 1/4)"),
-    (DataConfig, "dataset"): (lambda d: "ytvos", "'ytvos' (the train stage trains on Ref-YouTube-VOS-format data)"),
 }
 
 
@@ -292,6 +308,9 @@ def _coerce(value: Any, tp, key: str):
     if origin is Literal:
         check(value in args, key, _type_name(tp), value)
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        check(isinstance(value, (list, tuple)), key, f"a list of {_type_name(args[0])}", value)
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
               f"a list of {len(args)} values", value)

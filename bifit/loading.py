@@ -15,6 +15,9 @@ Only settings that do not change the weights' shapes can be overridden (:data:`O
 encoder's files are (an official file's args do not name one: the official code hard-codes ``roberta-base``), the
 deformable-attention backend, and training-only switches. The weights are loaded strictly: a file of another
 architecture lists its missing, unexpected and mis-shaped keys, naming the file.
+
+A training run that starts from another checkpoint (the official ``--pretrained_weights``) loads it into the model it
+built with :func:`load_start_weights`: the same two kinds of file, the class heads dropped, the rest strict.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from torch import nn
 from bifit.checkpoint import (
     OUR_FORMAT,
     CheckpointError,
+    convert_official_state_dict,
     extract_model_state,
     load_official_state,
     load_state_dict_strict,
+    official_to_ours,
     safe_load,
 )
 from bifit.config import ConfigError, ModelConfig, from_dict, to_dict
@@ -216,3 +221,105 @@ def load_model(path_or_official_file, overrides: dict | None = None, device=None
         rest = {k: v for k, v in obj.items() if k != "model"}
     # moved once: every inference function runs where the model's parameters are
     return LoadedModel(model.to(device).eval(), cfg, AutoTokenizer.from_pretrained(cfg.text_encoder), rest, official)
+
+
+# --- starting a training run from another checkpoint (the official --pretrained_weights) ---------------------------
+
+# official prefixes of the modules BIFIT adds to ReferFormer: weights released by ReferFormer have none of them
+BIFIT_ONLY_OFFICIAL = ("text_fusion_module.", "poolout_module.", "transformer.decoder.query_encoder_layers.")
+
+
+@dataclass
+class StartReport:
+    """What :func:`load_start_weights` did (:meth:`summary` prints it at the start of a run)."""
+
+    path: Path
+    kind: str  # "ours" | "official"
+    dropped: list[str]  # the class heads (our key names): not read from the file, the model's own initial values
+    kept_initialisation: list[str]  # BIFIT-only keys a ReferFormer-style file lacks: the model's own initial values
+    loaded: int  # tensors loaded from the file
+
+    def summary(self) -> str:
+        source = "our checkpoint" if self.kind == "ours" else "the official BIFIT/ReferFormer file"
+        text = (f"Starting from {source} {self.path}: {self.loaded} tensors loaded; "
+                f"{len(self.dropped)} class-head tensors dropped, keeping this model's initialisation "
+                f"({_grouped(self.dropped)}), as the official fine-tuning from pretrained weights does")
+        if self.kept_initialisation:
+            text += (f"; the file is ReferFormer-style (no BIFIT-only module), so {len(self.kept_initialisation)} "
+                     f"tensors keep their initialisation ({_grouped(self.kept_initialisation)})")
+        return text + "."
+
+
+def _grouped(keys: list[str]) -> str:
+    """'<module>.* <count>' per module: the class heads, each BIFIT-only module, else the key's first part."""
+    groups = (official_to_ours("class_embed."), *(official_to_ours(p) for p in BIFIT_ONLY_OFFICIAL))
+    counts: dict[str, int] = {}
+    for key in keys:
+        group = next((g for g in groups if key.startswith(g)), key.split(".")[0] + ".")
+        counts[group] = counts.get(group, 0) + 1
+    return ", ".join(f"{group}* {n}" for group, n in counts.items()) or "none"
+
+
+def _class_head_keys(model: nn.Module, own: dict) -> list[str]:
+    """Our names of the official `class_embed.<l>.weight/bias`, l < dec_layers (the heads the official rule drops)."""
+    dec_layers = model.cfg.dec_layers if hasattr(model, "cfg") else len(model.class_embed)
+    keys = [official_to_ours(f"class_embed.{layer}.{name}") for layer in range(dec_layers)
+            for name in ("weight", "bias")]
+    absent = [k for k in keys if k not in own]
+    if absent:
+        raise ValueError(f"load_start_weights: the model has no class heads {absent} (not a BIFIT model?)")
+    return keys
+
+
+def _architecture_differences(saved: ModelConfig, model: nn.Module) -> list[str]:
+    """Fields that shape the weights and differ between the file's saved model config and the model's."""
+    current = getattr(model, "cfg", None)
+    if not isinstance(current, ModelConfig):
+        return []
+    return [f"{f.name}: {getattr(saved, f.name)!r} in the file, {getattr(current, f.name)!r} here"
+            for f in dataclasses.fields(ModelConfig)
+            if f.name not in OVERRIDABLE and getattr(saved, f.name) != getattr(current, f.name)]
+
+
+def load_start_weights(model: nn.Module, source, *, text_encoder_fallback: str | None = None) -> StartReport:
+    """Load the weights a training run starts from into ``model`` (in place, on the device it is on), the way the
+    official ``--pretrained_weights`` does, but strictly.
+
+    source: one of our checkpoints or an official BIFIT/ReferFormer file (read as :func:`load_model` reads them:
+        a pickle that would run code is refused; official key names are mapped to ours).
+    text_encoder_fallback: as for :func:`load_model`; it only names the text encoder of the file's recorded
+        architecture (used in messages): the text encoder's weights always come from the file, strictly.
+
+    The class heads (official ``class_embed.<l>``) are not read: they keep the model's own initialisation. The
+    BIFIT-only modules keep theirs when the file is an official ReferFormer-style file holding none of them at all.
+    Everything else must match: an unexpected, missing or mis-shaped key raises a ValueError
+    (:class:`~bifit.checkpoint.CheckpointError`) naming the file and the keys.
+    """
+    path = Path(source)
+    where = f"checkpoint {path}"
+    obj = safe_load(path)
+    target = getattr(model, "module", model)  # a DDP wrapper
+    # recognises our files and official ones (or refuses the file); an official file without args is read as the
+    # model's own architecture, which the state dict check below verifies
+    saved, official = _recorded_architecture(obj, where, getattr(target, "cfg", None) or ModelConfig(),
+                                             text_encoder_fallback)
+    if official:
+        state = convert_official_state_dict(extract_model_state(obj, where), where)
+    else:
+        state = dict(obj["model"])
+    own = target.state_dict()
+    dropped = _class_head_keys(target, own)
+    bifit_only = tuple(official_to_ours(prefix) for prefix in BIFIT_ONLY_OFFICIAL)
+    referformer_style = official and not any(k.startswith(bifit_only) for k in state)
+    kept = sorted(k for k in own if referformer_style and k.startswith(bifit_only) and k not in state)
+    for key in dropped:
+        state.pop(key, None)
+    loaded = len(state)
+    state.update({k: own[k] for k in [*dropped, *kept]})  # the model's own values, written back unchanged
+    try:
+        load_state_dict_strict(target, state, where)
+    except CheckpointError as err:
+        hint = [] if official else _architecture_differences(saved, target)
+        raise CheckpointError(f"{err}\n  the checkpoint was trained with another architecture than this model"
+                              + (f" ({'; '.join(hint)})" if hint else "")) from None
+    return StartReport(path, "official" if official else "ours", dropped, kept, loaded)

@@ -10,13 +10,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from bifit.config import Config, check, load_config, to_dict
+from bifit.config import Config, check, from_dict, load_config, to_dict
 from bifit.synthetic.a2d import SyntheticA2DConfig
 from bifit.synthetic.config import SyntheticConfig
 from bifit.synthetic.davis import SyntheticDavisConfig
 from bifit.synthetic.jhmdb import SyntheticJHMDBConfig
+from bifit.synthetic.refcoco import SyntheticRefCOCOConfig
 from bifit.synthetic.text_encoder import TinyTextEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,7 @@ class PathsConfig:
     text_encoder_dir: str = "data/synthetic/text-encoder"
     runs: str = "runs"
     model: str = "models/bifit.pth"
+    pretrained: str = "models/pretrained"  # the pretrain stage's output folder (bifit.pth, or NOT_USED.txt)
     metrics: str = "metrics"
     plots: str = "plots"
     predictions: str = "outputs/ytvos_valid"
@@ -127,7 +129,8 @@ class SweepConfig:
         check(not both, f"{where}.trial_overrides", f"no key also searched in {where}.grid", both)
         check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), f"{where}.seeds",
               "a non-empty list of distinct integers", self.seeds)
-        check(self.benchmark in EVALUATIONS, f"{where}.benchmark", f"one of {', '.join(EVALUATIONS)}", self.benchmark)
+        video = [e for e in EVALUATIONS if e != "refcoco"]  # trials are scored on a video benchmark
+        check(self.benchmark in video, f"{where}.benchmark", f"one of {', '.join(video)}", self.benchmark)
         check(self.eval_max_expressions is None or self.eval_max_expressions >= 1, f"{where}.eval_max_expressions",
               "null or an integer >= 1", self.eval_max_expressions)
         for name in ("max_concurrent_trials", "num_workers", "cpus_per_worker"):
@@ -140,8 +143,9 @@ class SweepConfig:
 # Each benchmark has `source: synthetic | real`. synthetic: the download stage writes a tiny copy in the official
 # on-disk format to `root`, so the real preprocessing, loaders and metrics run on it unchanged. real: the files
 # are placed by hand (the download stage prints where) and verified. `checkpoint` is the model evaluated there.
-DATASET_NAMES = ("ytvos", "davis", "a2d", "jhmdb")
-EVALUATIONS = ("ytvos", "ytvos_proxy", "davis", "a2d", "jhmdb")
+DATASET_NAMES = ("ytvos", "davis", "a2d", "jhmdb", "refcoco")
+EVALUATIONS = ("ytvos", "ytvos_proxy", "davis", "a2d", "jhmdb", "refcoco")
+IMAGE_DATASETS = ("refcoco", "refcoco+", "refcocog")
 DataSource = Literal["synthetic", "real"]
 
 
@@ -217,6 +221,29 @@ class JHMDBDatasetConfig:
 
 
 @dataclass
+class RefcocoDatasetConfig:
+    """RefCOCO/+/g: COCO train2014 images plus the refer release, converted by preprocess@refcoco; the image
+    datasets of the pretrain stage and of joint training, evaluated on their val splits."""
+
+    source: DataSource = "synthetic"
+    root: str = "data/synthetic-eval/coco"  # real: data/coco (train2014/ and refcoco*/ from the refer release)
+    checkpoint: str = "models/bifit.pth"  # the model evaluated on the val splits
+    datasets: tuple[str, ...] = IMAGE_DATASETS  # the ones trained on (pretrain, joint) and evaluated
+    pins: str | None = None
+    synthetic: SyntheticRefCOCOConfig = field(default_factory=SyntheticRefCOCOConfig)
+
+    def validate(self, where="datasets.refcoco"):
+        _check_common(where, self.checkpoint, self.pins)
+        check(bool(self.datasets) and len(set(self.datasets)) == len(self.datasets)
+              and all(d in IMAGE_DATASETS for d in self.datasets), f"{where}.datasets",
+              f"a non-empty list of distinct names among {list(IMAGE_DATASETS)}", self.datasets)
+        if self.source == "synthetic":
+            missing = sorted(set(self.datasets) - set(self.synthetic.datasets))
+            check(not missing, f"{where}.datasets", f"names the synthetic copy generates ({where}.synthetic.datasets: "
+                  f"{list(self.synthetic.datasets)})", self.datasets)
+
+
+@dataclass
 class DatasetsConfig:
     prepared: str = "data/prepared"  # preprocess outputs, one folder per dataset
     status: str = "data/status"  # download reports, one JSON per dataset
@@ -225,10 +252,34 @@ class DatasetsConfig:
     davis: DavisDatasetConfig = field(default_factory=DavisDatasetConfig)
     a2d: A2DDatasetConfig = field(default_factory=A2DDatasetConfig)
     jhmdb: JHMDBDatasetConfig = field(default_factory=JHMDBDatasetConfig)
+    refcoco: RefcocoDatasetConfig = field(default_factory=RefcocoDatasetConfig)
 
     def validate(self, where="datasets"):
         for name in EVALUATIONS:
             getattr(self, name).validate(f"{where}.{name}")
+
+
+# --- pretrain: the image-dataset stage of train.recipe: pretrain_finetune (pipeline/train.py --stage pretrain) -----
+PRETRAIN_SECTIONS = ("model", "data", "train")
+FIXED_BY_RECIPE = ("train.recipe", "train.start_from", "data.root")
+
+
+@dataclass
+class PretrainConfig:
+    """The pretrain stage trains on `datasets.refcoco.datasets` with the settings of the training sections, changed
+    by `overrides` (dotted keys, e.g. train.epochs: 12; the official pretraining: 1-frame clips, 2 per GPU, 12
+    epochs, drops at 8 and 10, the text encoder trained)."""
+
+    overrides: dict[str, GridValue] = field(default_factory=dict)
+
+    def validate(self, where="pretrain"):
+        for key in self.overrides:
+            section, dot, name = key.partition(".")
+            check(bool(dot) and section in PRETRAIN_SECTIONS and bool(name), f"{where}.overrides.{key}",
+                  f"a dotted key of {', '.join(PRETRAIN_SECTIONS)} (e.g. train.epochs)", key)
+            check(key not in FIXED_BY_RECIPE, f"{where}.overrides.{key}",
+                  "no such key here (set by the recipe: the pretrain stage trains on the image datasets from "
+                  "random weights)", key)
 
 
 @dataclass
@@ -240,13 +291,62 @@ class PipelineConfig(Config):
     paths: PathsConfig = field(default_factory=PathsConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def validate(self):
         super().validate()
+        image_data = self.train.recipe == "joint"
+        check(not (image_data and self.data.dataset != "ytvos"), "data.dataset",
+              "'ytvos' with train.recipe joint (joint training mixes Ref-YouTube-VOS with the image datasets)",
+              self.data.dataset)
+        check(not (image_data and self.data.batch_grouping == "video"), "data.batch_grouping",
+              "'none' with train.recipe joint (a batch of one video's expressions needs a video-only training set)",
+              self.data.batch_grouping)
+        check(not (image_data and self.data.expressions_per_clip > 1), "data.expressions_per_clip",
+              "1 with train.recipe joint (an image gives one expression per clip, and clips of one batch need the same "
+              "number)", self.data.expressions_per_clip)
         check(not (self.model.msda_backend == "cuda" and not self.ray.use_gpu), "model.msda_backend",
               "'auto', 'cpu' or 'pytorch' while ray.use_gpu is false (the 'cuda' kernels need GPU workers)",
               self.model.msda_backend)
         return self
+
+    # the training stage these settings are for: "train" (as loaded) or "pretrain" (made by for_stage); not a
+    # params.yaml key: the stage is the DVC stage that runs
+    stage: ClassVar[str] = "train"
+
+    def for_stage(self, stage: str) -> PipelineConfig:
+        """The settings of training stage `stage`: "train" as loaded; "pretrain" with `pretrain.overrides` applied
+        and no start checkpoint (the pretrain stage trains the image datasets from random weights)."""
+        check(stage in ("train", "pretrain"), "--stage", "'train' or 'pretrain'", stage)
+        if stage == "train":
+            return self
+        d = to_dict(self)
+        for key, value in self.pretrain.overrides.items():
+            section, _, name = key.partition(".")
+            check(name in d[section], f"pretrain.overrides.{key}", f"a key of the {section} section", key)
+            d[section][name] = value
+        d["train"].update(recipe="scratch", start_from=None)
+        out = from_dict(PipelineConfig, d, "pretrain.overrides applied")
+        out.validate()
+        out.stage = "pretrain"
+        return out
+
+    def image_datasets(self) -> tuple[str, ...]:
+        """The RefCOCO-family datasets this stage trains on (none for a video-only training)."""
+        if self.stage == "pretrain" or self.train.recipe == "joint":
+            return tuple(self.datasets.refcoco.datasets)
+        return ()
+
+    def trains_on_videos(self) -> bool:
+        return self.stage == "train"
+
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint this stage starts from (class heads dropped), or None for random weights."""
+        if self.stage == "pretrain":
+            return None
+        if self.train.recipe == "pretrain_finetune":
+            return resolve(self.paths.pretrained) / "bifit.pth"
+        return None if self.train.start_from is None else resolve(self.train.start_from)
 
     def resolve_paths(self) -> PipelineConfig:
         """Make the repository-relative paths the workers read absolute (Ray workers run in another working
@@ -256,6 +356,8 @@ class PipelineConfig(Config):
         if self.model.backbone_weights is not None:
             self.model.backbone_weights = str(resolve(self.model.backbone_weights))
         self.data.root = str(resolve(self.data.root))
+        if self.train.start_from is not None and resolve(self.train.start_from).exists():  # else an MLflow run id
+            self.train.start_from = str(resolve(self.train.start_from))
         return self
 
     def training_dict(self) -> dict:
@@ -277,11 +379,50 @@ class PipelineConfig(Config):
             out[section][key] = _portable(out[section][key])
         proxy = self.datasets.ytvos_proxy
         out["ytvos_proxy_held_out"] = proxy.fraction if proxy.exclude_from_training else 0.0
+        if self.trains_on_videos() and self.data.dataset == "a2d":  # the A2D train split, not data.root
+            a2d = self.datasets.a2d
+            del out["data"]["root"], out["synthetic"], out["ytvos_proxy_held_out"]
+            out["a2d"] = {"prepared": _portable(str(resolve(self.datasets.prepared) / "a2d")), "root": _portable(
+                str(resolve(a2d.root)))}
+            if a2d.source == "synthetic":
+                out["a2d"]["synthetic"] = to_dict(a2d.synthetic)
+        if not self.trains_on_videos():  # the pretrain stage: its run folders apart from the train stage's
+            out["stage"] = self.stage
+            for key in ("synthetic", "ytvos_proxy_held_out"):
+                del out[key]
+            del out["data"]["root"]
+        if self.image_datasets():
+            refcoco = self.datasets.refcoco
+            out["image_datasets"] = {"datasets": list(refcoco.datasets), "root": _portable(str(resolve(refcoco.root)))}
+            if refcoco.source == "synthetic":
+                out["image_datasets"]["synthetic"] = to_dict(refcoco.synthetic)
+        start = self.start_checkpoint()
+        if start is not None:  # a new pretrained model starts a new fine-tuning run
+            out["start_from"] = {"path": _portable(str(start)), "sha256": file_digest(start)}
         return out
 
     def training_hash(self) -> str:
         blob = json.dumps(self.training_dict(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file (None when it does not exist yet), cached per (path, size, mtime)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def load_pipeline_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:

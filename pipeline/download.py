@@ -1,10 +1,11 @@
 """DVC stage `download@<dataset>`: get the raw files of one benchmark and verify them before anything else runs.
 
-    python -m pipeline.download --dataset {ytvos,davis,a2d,jhmdb} [--params params.yaml] [--fetch]
+    python -m pipeline.download --dataset {ytvos,davis,a2d,jhmdb,refcoco} [--params params.yaml] [--fetch]
 
 `datasets.<name>.source: synthetic` writes the tiny generated copy in the official on-disk format to the dataset
 root (Ref-YouTube-VOS: the `generate` stage already did; Ref-DAVIS17: the three official zips, then extracted like
-real downloads; A2D/JHMDB: the .h5/.mat/.mp4/.png files and the MTTR JSONs). `source: real` prints exactly which
+real downloads; A2D/JHMDB: the .h5/.mat/.mp4/.png files and the MTTR JSONs; RefCOCO/+/g: the COCO `train2014/`
+images and each refer dataset's `instances.json` and `refs(<splitBy>).p`). `source: real` prints exactly which
 files to place where (bifit/prepare/sources.py), fetches the publicly fetchable ones with `--fetch` (resuming
 partial downloads), extracts the archives that are present, in the listed order (bifit/prepare/archive.py: refuses
 absolute paths, `..`, links leaving the root, size bombs, and never overwrites a different file, except a
@@ -88,6 +89,12 @@ def write_synthetic(cfg: PipelineConfig, name: str, root: Path, progress: bool =
         from bifit.synthetic.a2d import generate_a2d
 
         return generate_a2d(syn, root, progress=progress)
+    if name == "refcoco":
+        from bifit.synthetic.refcoco import generate_refcoco
+
+        # left alone when the manifest records the same generator version and config; a non-empty folder
+        # without our manifest is refused (never overwritten: it may be someone's real data)
+        return generate_refcoco(syn, root, progress=progress)
     from bifit.synthetic.jhmdb import generate_jhmdb
 
     return generate_jhmdb(syn, root, progress=progress)

@@ -1,7 +1,7 @@
 """DVC stage `evaluate@<name>`: one benchmark's inference, metrics file, plot and MLflow metrics.
 
-    python -m pipeline.evaluate_dataset --dataset {ytvos,ytvos_proxy,davis,a2d,jhmdb} [--params params.yaml]
-        [--predictions DIR] [--plot CSV]
+    python -m pipeline.evaluate_dataset --dataset {ytvos,ytvos_proxy,davis,a2d,jhmdb,refcoco}
+        [--params params.yaml] [--predictions DIR] [--plot CSV]
 
 The model is `datasets.<name>.checkpoint`, built with the architecture it was trained with (`bifit.load_model`:
 our checkpoints' saved config, official files' `args`; the `model` section only for an official file that records
@@ -22,10 +22,17 @@ evaluation; `device` and `amp` say how it was computed):
 - a2d / jhmdb: centred-clip inference and the A2D metrics with both mAP protocols (bifit/eval/a2d_engine.py;
   `mAP 0.5:0.95` is the paper's all-queries protocol). `size_mismatches`: samples whose mask size differs from
   their frames (the loader resizes the mask to the frames, as the official transforms do).
+- refcoco: the val split of each dataset of `datasets.refcoco.datasets` (RefCOCO, RefCOCO+, RefCOCOg), every
+  sentence an image scored alone (bifit/eval/refcoco.py): one object per dataset in the metrics file
+  (`overall_iou`, `mean_iou`, `P@0.5` ... `P@0.9`, `num_samples`, `num_skipped`), and at the top level
+  `overall_iou` / `mean_iou` = the unweighted mean of those datasets' values (`averaged_over` names them) and
+  `num_samples` = their total. Predictions and per-sample CSVs in `<predictions>/<dataset>/`; the plot has one
+  row per dataset and IoU threshold (`iou_threshold,precision,dataset`).
 
 MLflow: the metrics, prefixed `<name>_`, go to the training run recorded in the checkpoint when the tracking
 store has it, otherwise to a new run `evaluate-<name>` of the `mlflow.experiment`; the params `<name>_eval_device`
-and `<name>_eval_amp` go with them.
+and `<name>_eval_amp` go with them. Nested metrics are flattened (`refcoco_refcocog_overall_iou`), with `+`
+spelled `plus` (`refcoco_refcocoplus_mean_iou`), a character MLflow metric names cannot hold.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch
 
 from bifit.inference import inference_settings, resolve_device
 from pipeline import tracking
-from pipeline.config import EVALUATIONS, PipelineConfig, load_pipeline_config, resolve
+from pipeline.config import EVALUATIONS, IMAGE_DATASETS, PipelineConfig, load_pipeline_config, resolve
 from pipeline.preprocess import prepared_root
 
 log = logging.getLogger("pipeline.evaluate_dataset")
@@ -52,6 +59,7 @@ DEFAULT_OUTPUTS = {  # name -> (predictions folder next to paths.predictions, pl
     "davis": ("davis_valid", "davis_per_video.csv"),
     "a2d": ("a2d_test", "a2d_precision.csv"),
     "jhmdb": ("jhmdb_test", "jhmdb_precision.csv"),
+    "refcoco": ("refcoco_val", "refcoco_precision.csv"),
 }
 
 
@@ -167,11 +175,53 @@ def eval_a2d_like(name: str):
     return run
 
 
+def eval_refcoco(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
+    """The val split of each dataset of `datasets.refcoco.datasets`: `{<dataset>: metrics, ...}` plus the
+    unweighted mean over those datasets of `overall_iou` and `mean_iou` at the top level."""
+    from bifit.data.refcoco import IMAGE_DIR
+    from bifit.eval.a2d import PRECISION_THRESHOLDS
+    from bifit.eval.refcoco import evaluate_refcoco
+    from pipeline.download import dataset_root
+
+    datasets = list(cfg.datasets.refcoco.datasets)
+    raw, prepared = dataset_root(cfg, "refcoco"), prepared_root(cfg, "refcoco")
+    metrics = {}
+    for dataset in datasets:
+        m = evaluate_refcoco(model, tokenizer, raw, dataset, "val", ann_root=prepared, image_root=raw / IMAGE_DIR,
+                             short_side=cfg.data.eval_short_side, max_size=cfg.data.max_size,
+                             batch_size=cfg.eval.batch_expressions, num_workers=cfg.data.num_workers,
+                             skip_bad_samples=cfg.data.skip_bad_samples, amp=cfg.eval.amp,
+                             out_dir=pred_dir / dataset)
+        metrics[dataset] = m
+    # one precision column per dataset (the plot's lines); a dataset not evaluated stays empty
+    write_rows(plot, ["iou_threshold", *IMAGE_DATASETS],
+               [[k, *(f"{metrics[d][f'P@{k}']:.6f}" if d in metrics else "" for d in IMAGE_DATASETS)]
+                for k in PRECISION_THRESHOLDS])
+    for key in ("overall_iou", "mean_iou"):  # over datasets, unweighted (each benchmark counts once)
+        metrics[key] = sum(metrics[d][key] for d in datasets) / len(datasets)
+    metrics["num_samples"] = sum(metrics[d]["num_samples"] for d in datasets)
+    metrics["averaged_over"] = datasets
+    return metrics
+
+
 EVALUATORS = {"ytvos": eval_ytvos, "ytvos_proxy": eval_ytvos_proxy, "davis": eval_davis,
-              "a2d": eval_a2d_like("a2d"), "jhmdb": eval_a2d_like("jhmdb")}
+              "a2d": eval_a2d_like("a2d"), "jhmdb": eval_a2d_like("jhmdb"), "refcoco": eval_refcoco}
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def mlflow_metrics(name: str, metrics: dict) -> dict:
+    """`metrics` as MLflow metric names `<name>_<key>`: nested dicts flattened (`<name>_<key>_<subkey>`), `+`
+    spelled `plus` (MLflow refuses it; `refcoco+` -> `refcocoplus`), only numbers kept."""
+    out = {}
+    for key, value in metrics.items():
+        flat = f"{name}_{key}".replace("+", "plus")
+        if isinstance(value, dict):
+            out.update(mlflow_metrics(flat, value))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[flat] = value
+    return out
 
 
 def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | None, checkpoint: Path,
@@ -181,7 +231,7 @@ def log_to_mlflow(cfg: PipelineConfig, name: str, metrics: dict, run_id: str | N
     source = getattr(cfg.datasets, "ytvos" if name == "ytvos_proxy" else name, None)
     return tracking.log_evaluation(
         cfg.mlflow.resolved_uri(), cfg.mlflow.experiment, resolve(cfg.mlflow.artifact_location), run_id, name,
-        metrics={f"{name}_{k}": v for k, v in metrics.items()},
+        metrics=mlflow_metrics(name, metrics),
         settings={k: metrics[k] for k in ("device", "amp")},
         params={"checkpoint": str(checkpoint), "dataset": name, "source": getattr(source, "source", "unknown")},
         artifacts=artifacts)

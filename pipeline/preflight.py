@@ -60,21 +60,57 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and ".." not in name
 
 
+def check_start_checkpoint(cfg: PipelineConfig) -> None:
+    """The checkpoint a fine-tuning run starts from exists (read by the workers once training starts)."""
+    start = cfg.start_checkpoint()
+    if start is None or start.is_file():
+        return
+    if cfg.train.recipe == "pretrain_finetune":
+        raise ConfigError(f"train.recipe: pretrain_finetune starts from the pretrain stage's model, but {start} does "
+                          "not exist; run `dvc repro pretrain` (or python -m pipeline.train --stage pretrain) first")
+    raise ConfigError(f"train.start_from: expected a checkpoint file (ours or an official BIFIT/ReferFormer .pth), "
+                      f"but {start} does not exist")
+
+
 def check_training_data(cfg: PipelineConfig, skip_log: Path | None = None) -> int:
     """List the training samples as the workers will (raises SampleError/ValueError naming the file, or records
     the skips with data.skip_bad_samples) and check that they fill at least one step. Returns the sample count."""
     from bifit.data import YTVOSDataset
     from bifit.synthetic import SYNTHETIC_CATEGORIES
 
-    d = cfg.data  # the train stage reads Ref-YouTube-VOS-format data at data.root
-    categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
-    dataset = YTVOSDataset(d.root, "train", d.num_frames, categories=categories, skip_bad_samples=d.skip_bad_samples,
-                           skip_log=skip_log)
-    if dataset.skipped:
-        log.warning("%d training entries skipped while listing (data.skip_bad_samples), recorded in %s",
-                    len(dataset.skipped), skip_log)
+    d = cfg.data  # the video part: Ref-YouTube-VOS-format data at data.root
+    count, where = 0, []
+    if cfg.trains_on_videos() and d.dataset == "a2d":
+        from bifit.data.a2d import read_index
+        from pipeline.train import a2d_train_root
+
+        index = a2d_train_root(cfg) / "index_train.json"
+        if not index.is_file():
+            raise ConfigError(f"data.dataset: a2d trains on the A2D-Sentences train split, but {index} does not "
+                              "exist; run `dvc repro preprocess@a2d` first")
+        count, where = len(read_index(index)["samples"]), [str(index)]
+    elif cfg.trains_on_videos():
+        categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
+        dataset = YTVOSDataset(d.root, "train", d.num_frames, categories=categories,
+                               skip_bad_samples=d.skip_bad_samples, skip_log=skip_log)
+        if dataset.skipped:
+            log.warning("%d training entries skipped while listing (data.skip_bad_samples), recorded in %s",
+                        len(dataset.skipped), skip_log)
+        count, where = len(dataset), [str(d.root)]
+    if cfg.image_datasets():
+        from bifit.data.refcoco import annotation_path, read_entries
+        from pipeline.train import image_data_roots
+
+        _, ann_root = image_data_roots(cfg)
+        for name in cfg.image_datasets():
+            path = annotation_path(ann_root, name, "train")
+            if not path.is_file():
+                raise ConfigError(f"datasets.refcoco.datasets: {name} is trained on, but {path} does not exist; run "
+                                  "`dvc repro preprocess@refcoco` (it converts the refer release there)")
+            count += len(read_entries(path))
+            where.append(str(path))
     per_step = cfg.ray.num_workers * cfg.train.batch_size
-    if len(dataset) < per_step:
-        raise ConfigError(f"train.batch_size: {len(dataset)} training samples in {d.root} cannot fill one step of "
+    if count < per_step:
+        raise ConfigError(f"train.batch_size: {count} training samples in {', '.join(where)} cannot fill one step of "
                           f"train.batch_size ({cfg.train.batch_size}) x ray.num_workers ({cfg.ray.num_workers})")
-    return len(dataset)
+    return count

@@ -1,7 +1,7 @@
 """DVC stage `preprocess@<dataset>`: turn the verified raw files into what the loaders read, with indices so that
 no loader lists folders.
 
-    python -m pipeline.preprocess --dataset {ytvos,davis,a2d,jhmdb} [--params params.yaml]
+    python -m pipeline.preprocess --dataset {ytvos,davis,a2d,jhmdb,refcoco} [--params params.yaml]
 
 Writes `<datasets.prepared>/<name>/` (replaced atomically):
 
@@ -10,7 +10,12 @@ Writes `<datasets.prepared>/<name>/` (replaced atomically):
   proxy evaluation (bifit/eval/ytvos_proxy.py);
 - davis: the Ref-YouTube-VOS-style layout of bifit/prepare/davis.py (non-destructive: hard links);
 - a2d: bifit.prepare.a2d.preprocess (instance masks, COCO GT for mAP, indices, from the .h5 files);
-- jhmdb: bifit.prepare.jhmdb.preprocess (puppet-mask GT, COCO GT, index, from the .mat files).
+- jhmdb: bifit.prepare.jhmdb.preprocess (puppet-mask GT, COCO GT, index, from the .mat files);
+- refcoco: each dataset of `datasets.refcoco.datasets` converted by bifit.prepare.refcoco.convert_refcoco into
+  `<dataset>/instances_<dataset>_<split>.json` (one entry per sentence) and `<dataset>/conversion.json`, plus
+  `index.json` (refs, sentences and COCO images per dataset and split). The refs pickles are read by a restricted
+  unpickler: one that tries to import anything stops the stage with an error naming the file. The images stay in
+  the raw root's `train2014/`.
 
 Bad samples raise with the file and id, or with `data.skip_bad_samples` are left out and listed in the output's
 `skipped_samples.json`.
@@ -53,6 +58,22 @@ def prepare_ytvos(cfg: PipelineConfig, raw: Path, out: Path) -> dict:
     return summary
 
 
+def prepare_refcoco(cfg: PipelineConfig, raw: Path, out: Path) -> dict:
+    """Convert every dataset of `datasets.refcoco.datasets` into `out/<dataset>/` (all or nothing)."""
+    from bifit.prepare.refcoco import convert_refcoco
+
+    datasets = list(cfg.datasets.refcoco.datasets)
+    summary = {"dataset": "refcoco", "raw_root": os.path.relpath(raw, out.parent.resolve()), "datasets": {}}
+    with staged_folder(out) as tmp:
+        for dataset in datasets:
+            converted = convert_refcoco(raw, tmp, dataset)
+            summary["datasets"][dataset] = {k: converted[k] for k in ("split_by", "splits", "empty_sentences")}
+            log.info("%s: %s", dataset, ", ".join(f"{s} {c['sentences']} sentences"
+                                                  for s, c in converted["splits"].items()))
+        (tmp / "index.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def preprocess(cfg: PipelineConfig, name: str, progress: bool = True) -> dict:
     if name not in DATASET_NAMES:
         raise KeyError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {name!r}")
@@ -65,6 +86,8 @@ def preprocess(cfg: PipelineConfig, name: str, progress: bool = True) -> dict:
         from bifit.prepare.davis import convert_ref_davis
 
         return convert_ref_davis(raw, out, progress=progress)
+    if name == "refcoco":
+        return prepare_refcoco(cfg, raw, out)
     if name == "a2d":
         from bifit.prepare.a2d import preprocess as prepare_a2d
 

@@ -2,10 +2,12 @@
 
     python -m pipeline.summary [--params params.yaml] [--out metrics/summary.md]
 
-Reads `<paths.metrics>/{ytvos,ytvos_proxy,davis,a2d,jhmdb}.json` (fractions) and prints them x 100 beside the
-BIFIT ResNet-50 numbers of its README, with the data source and checkpoint of
-each row and the wall time of each evaluation. A run on the synthetic data is not comparable with the paper;
-the table says so on every such row. A missing metrics file is listed as missing, never filled in.
+Reads `<paths.metrics>/{ytvos,ytvos_proxy,davis,a2d,jhmdb,refcoco}.json` (fractions) and prints them x 100 beside
+the BIFIT ResNet-50 numbers of its README, with the data source and checkpoint of each row and the wall time of
+each evaluation. refcoco.json holds one object per image dataset: each gets its own rows ("RefCOCO val",
+"RefCOCO+ val", "RefCOCOg val"), with an empty paper column (BIFIT reports no RefCOCO numbers). A run on the
+synthetic data is not comparable with the paper; the table says so on every such row. A missing metrics file is
+listed as missing, never filled in.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ PAPER = {
 }
 TITLES = {"ytvos": "Ref-YouTube-VOS valid", "ytvos_proxy": "Ref-YouTube-VOS local proxy (held-out train videos)",
           "davis": "Ref-DAVIS17 val (4 annotators averaged)", "a2d": "A2D-Sentences test",
-          "jhmdb": "JHMDB-Sentences"}
+          "jhmdb": "JHMDB-Sentences", "refcoco": "RefCOCO/+/g val"}
+# evaluations whose metrics file holds one object per dataset: dataset key -> row title, in table order
+PART_TITLES = {"refcoco": {"refcoco": "RefCOCO val", "refcoco+": "RefCOCO+ val", "refcocog": "RefCOCOg val"}}
+REFCOCO_NOTE = ("RefCOCO/+/g: val splits, each sentence scored on its image alone (highest-scoring query); BIFIT "
+                "reports no RefCOCO numbers, so these rows have no paper value")
 DAVIS_PROTOCOL_NOTE = ("Ref-DAVIS17: unsupervised protocol (Hungarian matching), mean of 4 annotator runs; "
                        "no per-expression score")
 ROWS = {  # metric key -> label, in table order
@@ -39,6 +45,7 @@ ROWS = {  # metric key -> label, in table order
             "P@0.5": "P@0.5", "P@0.9": "P@0.9"},
 }
 ROWS["jhmdb"] = ROWS["a2d"]
+ROWS["refcoco"] = {"overall_iou": "Overall IoU", "mean_iou": "Mean IoU", "P@0.5": "P@0.5"}  # per dataset
 
 
 def _source(cfg: PipelineConfig, name: str) -> str:
@@ -47,6 +54,14 @@ def _source(cfg: PipelineConfig, name: str) -> str:
 
 def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+def sections(name: str, metrics: dict) -> list[tuple[str, dict]]:
+    """(row title, metrics) of each part of evaluation `name`: the whole file, or for an evaluation of several
+    datasets (PART_TITLES) each dataset object the file holds."""
+    if name not in PART_TITLES:
+        return [(TITLES[name], metrics)]
+    return [(title, metrics[key]) for key, title in PART_TITLES[name].items() if isinstance(metrics.get(key), dict)]
 
 
 def summary_rows(cfg: PipelineConfig) -> tuple[list[list[str]], list[str]]:
@@ -67,15 +82,22 @@ def summary_rows(cfg: PipelineConfig) -> tuple[list[list[str]], list[str]]:
             notes.append("Ref-YouTube-VOS valid has no public GT: submit outputs/submission_ytvos.zip to the "
                          "challenge server, or compare runs with the local proxy row")
             continue
-        for key, label in ROWS[name].items():
-            value = metrics.get(key)
-            ours = None if value is None else 100 * value
-            paper = PAPER.get(name, {}).get(key)
-            delta = "" if ours is None or paper is None else f"{ours - paper:+.1f}"
-            rows.append([TITLES[name], label, _fmt(ours), _fmt(paper) if paper is not None else "",
-                         delta, data, ckpt, seconds])
+        parts = sections(name, metrics)
+        if not parts:
+            rows.append([TITLES[name], "(no dataset in the metrics file)", "missing", "", "", data, ckpt, seconds])
+            notes.append(f"{path} holds no dataset's metrics: run `dvc repro evaluate@{name}`")
+        for title, values in parts:
+            for key, label in ROWS[name].items():
+                value = values.get(key)
+                ours = None if value is None else 100 * value
+                paper = PAPER.get(name, {}).get(key)
+                delta = "" if ours is None or paper is None else f"{ours - paper:+.1f}"
+                rows.append([title, label, _fmt(ours), _fmt(paper) if paper is not None else "",
+                             delta, data, ckpt, seconds])
         if name == "davis":
             notes.append(DAVIS_PROTOCOL_NOTE)
+        if name == "refcoco" and parts:
+            notes.append(REFCOCO_NOTE)
     return rows, notes
 
 

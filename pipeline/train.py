@@ -1,11 +1,18 @@
-"""DVC stage `train`: BIFIT on Ray Train (DDP: gloo on CPU, nccl on GPU), logged to MLflow, resumable.
+"""DVC stages `train` and `pretrain`: BIFIT on Ray Train (DDP: gloo on CPU, nccl on GPU), logged to MLflow, resumable.
 
-    python -m pipeline.train [--params params.yaml]
+    python -m pipeline.train [--params params.yaml] [--stage {train,pretrain}]
 
-Checkpoints: every epoch, rank 0 writes `runs/train/<config hash>/epoch_NNNN.pth` atomically and
+What is trained (`train.recipe`): `scratch` trains on the Ref-YouTube-VOS-format set at `data.root` from random
+weights (or from `train.start_from`); `pretrain_finetune` first runs the pretrain stage (RefCOCO/+/g pseudo-videos,
+`datasets.refcoco.datasets`, with `pretrain.overrides`; output `paths.pretrained`/bifit.pth), whose model the train
+stage then fine-tunes; `joint` trains on the videos and the image datasets concatenated. A run that starts from a
+checkpoint drops its class heads and loads the rest strictly (bifit.loading.load_start_weights), listing both in the
+run's events. With another recipe the pretrain stage trains nothing and says so (`NOT_USED.txt`, `used: 0`).
+
+Checkpoints: every epoch, rank 0 writes `runs/<stage>/<config hash>/epoch_NNNN.pth` atomically and
 reports it to Ray Train. A rerun with the same settings resumes from the newest readable checkpoint
 (Ray's own restored checkpoint first, then that folder); a corrupt file is skipped with a warning.
-The final model is written to `paths.model` (a DVC output).
+The final model is written to `paths.model` (pretrain: `paths.pretrained`/bifit.pth), a DVC output.
 
 MLflow (pipeline/tracking.py): the run is RUNNING while the stage trains, FINISHED once the final model is logged
 (the checkpoint as `model/bifit.pth` and as the pyfunc model `bifit`), FAILED when the stage raises; the workers
@@ -65,7 +72,8 @@ def truncate_loss_csv(path: Path, last_step: int) -> None:
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
-    return resolve(cfg.paths.runs) / "train" / cfg.training_hash()
+    """runs/<stage>/<training hash>: the resumable run folder of these settings."""
+    return resolve(cfg.paths.runs) / cfg.stage / cfg.training_hash()
 
 
 def latest_checkpoint(folder: Path) -> dict | None:
@@ -95,12 +103,41 @@ def _build(cfg: PipelineConfig):
 
 
 def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
-    from bifit.data import ResizeConfig, YTVOSDataset, make_train_transforms
-    from bifit.synthetic import SYNTHETIC_CATEGORIES
+    """The stage's training set: the Ref-YouTube-VOS clips (train stage), the RefCOCO/+/g pseudo-videos (pretrain
+    stage), or both concatenated (train.recipe: joint)."""
+    from bifit.data import ResizeConfig, make_train_transforms
 
     d = cfg.data
     resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
                           crop_resize_scales=tuple(d.crop_resize_scales), crop_min=d.crop_min, crop_max=d.crop_max)
+    transforms = make_train_transforms(resize, photometric=d.photometric)
+    images = [_image_dataset(cfg, name, transforms) for name in cfg.image_datasets()]
+    if not cfg.trains_on_videos():
+        if len(images) == 1:
+            return images[0]
+        from bifit.data.refcoco import JointDataset
+
+        return JointDataset(images)
+    videos = _video_dataset(cfg, transforms, skip_log)
+    if not images:
+        return videos
+    from bifit.data.refcoco import build_joint
+
+    return build_joint(videos, images)
+
+
+def _video_dataset(cfg: PipelineConfig, transforms, skip_log: Path | None):
+    """Ref-YouTube-VOS clips at data.root, or (data.dataset: a2d) the A2D-Sentences train split of the preprocess
+    output, one annotated frame per clip."""
+    from bifit.data import YTVOSDataset
+    from bifit.synthetic import SYNTHETIC_CATEGORIES
+
+    d = cfg.data
+    if d.dataset == "a2d":
+        from bifit.data.a2d import A2DDataset
+
+        return A2DDataset(a2d_train_root(cfg), "train", d.num_frames, transforms=transforms, train=True,
+                          skip_bad_samples=d.skip_bad_samples)
     categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
     held_out = []
     proxy = cfg.datasets.ytvos_proxy  # the local-proxy videos (bifit/eval/ytvos_proxy.py) stay unseen
@@ -108,10 +145,29 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
         from bifit.eval.ytvos_proxy import proxy_videos
 
         held_out = proxy_videos(d.root, proxy.fraction)
-    return YTVOSDataset(d.root, "train", d.num_frames,
-                        transforms=make_train_transforms(resize, photometric=d.photometric), categories=categories,
+    return YTVOSDataset(d.root, "train", d.num_frames, transforms=transforms, categories=categories,
                         skip_bad_samples=d.skip_bad_samples, skip_log=skip_log,
                         expressions_per_clip=d.expressions_per_clip, exclude_videos=held_out)
+
+
+def a2d_train_root(cfg: PipelineConfig) -> Path:
+    """The preprocess@a2d output (index_train.json and the masks) that A2D-Sentences training reads."""
+    return resolve(cfg.datasets.prepared) / "a2d"
+
+
+def image_data_roots(cfg: PipelineConfig) -> tuple[Path, Path]:
+    """(COCO images folder, converted annotations root) of RefCOCO/+/g: the raw root's train2014 and the
+    preprocess@refcoco output."""
+    return resolve(cfg.datasets.refcoco.root) / "train2014", resolve(cfg.datasets.prepared) / "refcoco"
+
+
+def _image_dataset(cfg: PipelineConfig, name: str, transforms):
+    from bifit.data.refcoco import RefCOCODataset
+
+    image_root, ann_root = image_data_roots(cfg)
+    return RefCOCODataset(resolve(cfg.datasets.refcoco.root), name, "train", cfg.data.num_frames,
+                          transforms=transforms, train=True, image_root=image_root, ann_root=ann_root,
+                          skip_bad_samples=cfg.data.skip_bad_samples)
 
 
 def _loader(cfg: PipelineConfig, dataset, world: int, rank: int):
@@ -227,6 +283,15 @@ def _resume(w: _Worker) -> None:
     checkpoint came from (none without one: training starts again at step 1), and records a `start` or `resume`
     event."""
     ckpt = _newest_checkpoint(w)
+    start = w.cfg.start_checkpoint() if ckpt is None else None
+    if start is not None:  # a new run of a fine-tuning recipe: the pretrained weights minus the class heads
+        from bifit.loading import load_start_weights
+
+        report = load_start_weights(w.model, start, text_encoder_fallback=w.cfg.model.text_encoder)
+        if w.rank == 0:
+            print(f"[bifit] starting from {start}: {report.summary()}", flush=True)
+            append_event(w.folder, "start_weights", path=str(start), dropped=report.dropped,
+                         kept_initialisation=report.kept_initialisation, loaded=report.loaded)
     if ckpt is not None:
         w.model.load_state_dict(ckpt["model"])
         w.optimizer.load_state_dict(ckpt["optimizer"])
@@ -380,7 +445,7 @@ def start_mlflow_run(cfg: PipelineConfig, folder: Path) -> tuple[str, bool]:
     if id_file.exists():
         run_id = id_file.read_text().strip()
         try:
-            owned = tracking.run_tags(uri, run_id).get("stage") == "train"
+            owned = tracking.run_tags(uri, run_id).get("stage") == cfg.stage
         except tracking.RunNotFound as err:
             log.warning("%s (from %s): starting a new MLflow run", err, id_file)
         else:
@@ -388,8 +453,8 @@ def start_mlflow_run(cfg: PipelineConfig, folder: Path) -> tuple[str, bool]:
                 tracking.set_status(uri, run_id, "RUNNING")
             return run_id, owned
     run_id = tracking.create_run(uri, cfg.mlflow.experiment, resolve(cfg.mlflow.artifact_location),
-                                 run_name=f"train-{cfg.training_hash()}", params=flatten(cfg.training_dict()),
-                                 tags={"stage": "train", "config_hash": cfg.training_hash(),
+                                 run_name=f"{cfg.stage}-{cfg.training_hash()}", params=flatten(cfg.training_dict()),
+                                 tags={"stage": cfg.stage, "recipe": cfg.train.recipe, "config_hash": cfg.training_hash(),
                                        "inter_frame_layers": cfg.model.inter_frame_layers,
                                        "bidirectional_vl": cfg.model.bidirectional_vl})
     id_file.write_text(run_id)
@@ -406,7 +471,7 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, end_r
     import ray
     from ray.train import TrainingFailedError
 
-    from pipeline.preflight import check_local_resources, check_training_data
+    from pipeline.preflight import check_local_resources, check_start_checkpoint, check_training_data
 
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
@@ -414,6 +479,7 @@ def run_training(cfg: PipelineConfig, ray_init_kwargs: dict | None = None, end_r
     # before Ray starts and before an MLflow run is made: settings this machine cannot run, broken metadata
     check_local_resources(cfg, local_ray=not ray.is_initialized() and not cfg.ray.resolved_address())
     check_training_data(cfg, skip_log=folder / SKIP_LOG_FILE)
+    check_start_checkpoint(cfg)
     clear_fatal(folder)
     append_event(folder, "driver_start", pid=os.getpid())
     uri = cfg.mlflow.resolved_uri()
@@ -470,7 +536,7 @@ def _trainer(cfg: PipelineConfig, folder: Path, run_id: str, loss_csv: Path):
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"bifit-train-{cfg.training_hash()}",
+        run_config=RunConfig(name=f"bifit-{cfg.stage}-{cfg.training_hash()}",
                              storage_path=str(resolve(cfg.ray.storage_path)),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
@@ -489,35 +555,74 @@ def _final_checkpoint(cfg: PipelineConfig, folder: Path, result) -> dict:
     return final
 
 
+def stage_outputs(cfg: PipelineConfig) -> dict[str, Path]:
+    """The DVC outputs of a training stage: model, metrics JSON, loss-curve CSV."""
+    metrics, plots = resolve(cfg.paths.metrics), resolve(cfg.paths.plots)
+    if cfg.stage == "pretrain":
+        return {"model": resolve(cfg.paths.pretrained) / "bifit.pth", "metrics": metrics / "pretrain.json",
+                "loss": plots / "pretrain_loss.csv"}
+    return {"model": resolve(cfg.paths.model), "metrics": metrics / "train.json", "loss": plots / "train_loss.csv"}
+
+
 def export(cfg: PipelineConfig, out: dict) -> None:
-    """Write the DVC outputs (the final model, train metrics, the loss curve) and log to the MLflow run the
+    """Write the DVC outputs (the final model, the stage's metrics, the loss curve) and log to the MLflow run the
     checkpoint (`model/bifit.pth`), the loss curve (`plots/`) and the pyfunc model `bifit` (pipeline/tracking.py).
     The run ends here: FINISHED, or FAILED when any of this raises."""
     final = out["final"]
+    paths = stage_outputs(cfg)
     with tracking.active_run(cfg.mlflow.resolved_uri(), out["run_id"]):
-        model_path = resolve(cfg.paths.model)
+        model_path = paths["model"]
         save_checkpoint(model_path, final["model"], final["config"], epoch=final["epoch"], mlflow_run_id=out["run_id"],
                         metrics=final["metrics"])
-        metrics_dir, plots_dir = resolve(cfg.paths.metrics), resolve(cfg.paths.plots)
-        metrics_dir.mkdir(parents=True, exist_ok=True)
-        plots_dir.mkdir(parents=True, exist_ok=True)
+        for p in (paths["metrics"], paths["loss"]):
+            p.parent.mkdir(parents=True, exist_ok=True)
         metrics = {k: v for k, v in final["metrics"].items()}
         metrics["wall_seconds_this_run"] = out["seconds"]
-        (metrics_dir / "train.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        shutil.copy(out["loss_csv"], plots_dir / "train_loss.csv")
+        if cfg.stage == "pretrain":
+            metrics["used"] = 1
+            (model_path.parent / "NOT_USED.txt").unlink(missing_ok=True)  # left by a run with another recipe
+        paths["metrics"].write_text(json.dumps(metrics, indent=1) + "\n")
+        shutil.copy(out["loss_csv"], paths["loss"])
         tracking.log_artifact(model_path, "model")
-        tracking.log_artifact(plots_dir / "train_loss.csv", "plots")
+        tracking.log_artifact(paths["loss"], "plots")
         model = tracking.log_bifit_model(model_path, cfg.model.text_encoder)
     log.info("final model %s (epoch %d); MLflow run %s, MLflow model %s", model_path, final["epoch"] + 1,
              out["run_id"], model.model_uri)
 
 
+NOT_USED_NOTE = """The pretrain stage trains only with train.recipe: pretrain_finetune (params.yaml); this run's recipe is
+{recipe}, so the train stage does not start from a pretrained model and nothing was trained here.
+"""
+
+
+def skip_pretraining(cfg: PipelineConfig, recipe: str) -> None:
+    """The pretrain stage's outputs when the recipe does not pretrain: a note in the model folder, `used: 0` in its
+    metrics and a loss CSV with only the header (DVC needs every declared output)."""
+    paths = stage_outputs(cfg)
+    folder = paths["model"].parent
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / "NOT_USED.txt").write_text(NOT_USED_NOTE.format(recipe=recipe))
+    for p in (paths["metrics"], paths["loss"]):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    paths["metrics"].write_text(json.dumps({"used": 0}, indent=1) + "\n")
+    paths["loss"].write_text(LOSS_HEADER)
+    log.info("train.recipe is %s: no pretraining (%s)", recipe, folder / "NOT_USED.txt")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(resolve("params.yaml")))
+    parser.add_argument("--stage", default="train", choices=("train", "pretrain"),
+                        help="pretrain: the image-dataset stage of train.recipe pretrain_finetune")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_pipeline_config(args.params)  # every bad value is reported before Ray starts
+    loaded = load_pipeline_config(args.params)  # every bad value is reported before Ray starts
+    if args.stage == "pretrain" and loaded.train.recipe != "pretrain_finetune":
+        skip_pretraining(loaded.for_stage("pretrain"), loaded.train.recipe)
+        return
+    cfg = loaded.for_stage(args.stage)
     out = run_training(cfg, end_run=False)  # the MLflow run stays RUNNING until export has logged the model
     export(cfg, out)
 

@@ -31,7 +31,7 @@ OFFICIAL = {
     "matcher.cost_dice": 5.0, "loss.cls_loss_coef": 2.0, "loss.bbox_loss_coef": 5.0, "loss.giou_loss_coef": 2.0,
     "loss.mask_loss_coef": 2.0, "loss.dice_loss_coef": 5.0, "loss.focal_alpha": 0.25,
     # data: Ref-YouTube-VOS, 6-frame clips, the official augmentation and inference size
-    "data.root": "data/ref-youtube-vos", "data.categories": "ytvos",
+    "data.dataset": "ytvos", "data.root": "data/ref-youtube-vos", "data.categories": "ytvos",
     "data.photometric": "official", "data.num_frames": 6,
     "data.train_scales": [288, 320, 352, 392, 416, 448, 480, 512], "data.max_size": 640,
     "data.crop_resize_scales": [400, 500, 600], "data.crop_min": 384, "data.crop_max": 600,
@@ -49,6 +49,13 @@ OFFICIAL = {
     "datasets.ytvos.source": "real", "datasets.davis.source": "real", "datasets.a2d.source": "real",
     "datasets.jhmdb.source": "real", "datasets.davis.root": "data/ref-davis",
     "datasets.a2d.root": "data/a2d_sentences", "datasets.jhmdb.root": "data/jhmdb_sentences",
+    "datasets.refcoco.source": "real", "datasets.refcoco.root": "data/coco",
+    "datasets.refcoco.datasets": ("refcoco", "refcoco+", "refcocog"),
+    # RefCOCO/+/g pretraining (ReferFormer's): single images, 2 per GPU, 12 epochs, drops at 8 and 10, text
+    # encoder trained
+    "pretrain.overrides.train.epochs": 12, "pretrain.overrides.train.lr_drop": [8, 10],
+    "pretrain.overrides.train.max_steps_per_epoch": None, "pretrain.overrides.train.batch_size": 2,
+    "pretrain.overrides.data.num_frames": 1, "pretrain.overrides.model.freeze_text_encoder": False,
     # one worker per GPU; BIFIT's GPU count is unpublished, the ReferFormer scripts use 8
     "ray.num_workers": 8, "ray.use_gpu": True,
 }
@@ -64,16 +71,20 @@ IMPLEMENTATION_ONLY = {
     "eval.batch_expressions": "expressions run together on one video's shared features",
     "eval.device": "where inference runs (auto: the GPU when there is one)",
     "eval.amp": "bfloat16 autocast at inference (off: float32, as the official inference)",
+    "train.start_from": "a checkpoint path set by the user (the official --pretrained_weights)",
 }
 
 # The official recipes' schedules: overlay files (applied after params.yaml, in order) -> values.
 RECIPES = {
     ("params_paper.yaml",): {  # from scratch: the opts defaults
-        "train.epochs": 10, "train.lr_drop": [6, 8], "train.batch_size": 1},
-    ("params_paper.yaml", "params_paper_finetune_ytvos.yaml"): {  # fine-tuning a pretrained model
-        "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 1},
-    ("params_paper.yaml", "params_paper_finetune_a2d.yaml"): {  # A2D-Sentences (its schedule; not wired yet)
-        "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 2},
+        "train.recipe": "scratch", "train.epochs": 10, "train.lr_drop": [6, 8], "train.batch_size": 1},
+    ("params_paper.yaml", "params_paper_finetune_ytvos.yaml"): {  # RefCOCO/+/g pretraining, then fine-tuning
+        "train.recipe": "pretrain_finetune", "train.epochs": 6, "train.lr_drop": [3, 5], "train.batch_size": 1},
+    ("params_paper.yaml", "params_paper_finetune_a2d.yaml"): {  # RefCOCO/+/g pretraining, then A2D-Sentences
+        "data.dataset": "a2d", "train.recipe": "pretrain_finetune", "train.epochs": 6, "train.lr_drop": [3, 5],
+        "train.batch_size": 2},
+    ("params_paper.yaml", "params_paper_joint.yaml"): {  # joint Ref-YouTube-VOS + RefCOCO/+/g
+        "train.recipe": "joint", "train.epochs": 12, "train.lr_drop": [8, 10], "train.batch_size": 1},
 }
 LIBRARY_SECTIONS = ("model", "matcher", "loss", "data", "train", "eval")
 
@@ -88,7 +99,7 @@ def _small_keys(text: str) -> list[str]:
     stack: list[tuple[int, str]] = []
     keys = []
     for line in text.splitlines():
-        m = re.match(r"^( *)([A-Za-z_][\w]*):(.*)$", line)
+        m = re.match(r"^( *)([A-Za-z_][\w.+]*):(.*)$", line)  # dotted keys too (pretrain.overrides)
         if not m:
             continue
         indent, key, rest = len(m.group(1)), m.group(2), m.group(3)

@@ -25,6 +25,11 @@ DVC_FILES = ("dvc.yaml", "sweeps/dvc.yaml")
 SAMPLES = {
     "plots/train_loss.csv": ("pipeline/train.py", "step,epoch,loss,loss_mask,loss_dice\n"
                              "10,0,4.1375,1.2503,2.0117\n20,0,3.5921,1.1048,1.7784\n"),
+    "plots/pretrain_loss.csv": ("pipeline/train.py", "step,epoch,loss,loss_mask,loss_dice\n"
+                                "10,0,5.2175,1.5103,2.3117\n20,0,4.6921,1.3048,2.0784\n"),
+    "plots/refcoco_precision.csv": ("pipeline/evaluate_dataset.py",
+                                    "iou_threshold,refcoco,refcoco+,refcocog\n0.5,0.581234,0.523456,0.498765\n"
+                                    "0.9,0.051234,0.043456,0.038765\n"),
     "plots/ytvos_per_video.csv": ("pipeline/evaluate_dataset.py",
                                   "video,jf\nvid_ytvos_a,0.734512\nvid_ytvos_b,0.412377\n"),
     "plots/ytvos_proxy_per_video.csv": ("pipeline/evaluate_dataset.py", "video,jf\nvid_proxy_a,0.623101\n"),

@@ -48,11 +48,12 @@ def test_the_paper_overlay_shows_in_the_file_value_by_value(tmp_path):
     paper_params = _copy_params(tmp_path, "params_paper.yaml")
     out, paper = _resolve(paper_params)
     paper = flatten(paper)
-    changed = {k for k in default if default[k] != paper[k]}
+    missing = object()  # pretrain.overrides is a mapping: the overlay may add keys the default lacks
+    changed = {k for k in set(default) | set(paper) if default.get(k, missing) != paper.get(k, missing)}
     overlay = flatten(yaml.safe_load((REPO / "params_paper.yaml").read_text()))
     # every value the overlay sets is in the file, and every value that differs from the default is listed
     assert {k: paper[k] for k in overlay} == {k: yaml.safe_load(yaml.safe_dump(v)) for k, v in overlay.items()}
-    assert changed == {k for k in overlay if overlay[k] != default[k]}
+    assert changed == {k for k in overlay if overlay[k] != default.get(k, missing)}
     assert len(changed) > 30  # the paper configuration changes some 40 values (README, params_paper.yaml)
     assert {"model.backbone", "model.hidden_dim", "train.lr", "data.root", "datasets.davis.source"} <= changed
     text = out.read_text()

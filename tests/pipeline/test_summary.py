@@ -27,9 +27,9 @@ def test_rows_compare_with_the_paper_and_flag_synthetic_data(tmp_path):
     assert "| Ref-DAVIS17 val (4 annotators averaged) | J&F | 61.2 | 60.5 | +0.7 | real | ytvos_r50.pth | 41 s |" in text
     assert "| A2D-Sentences test | mAP (all queries: the paper's protocol) | 50.0 | 52.4 | -2.4 | synthetic" in text
     assert "| A2D-Sentences test | mAP (best query only: not the paper's protocol) | 45.0 |  |  |" in text
-    for name in ("ytvos", "ytvos_proxy", "jhmdb"):
+    for name in ("ytvos", "ytvos_proxy", "jhmdb", "refcoco"):
         assert f"metrics/{name}.json is missing: run `dvc repro evaluate@{name}`" in text
-    assert text.count("| missing |") == 3
+    assert text.count("| missing |") == 4
     assert ("- Ref-DAVIS17: unsupervised protocol (Hungarian matching), mean of 4 annotator runs; no per-expression "
             "score") in text
     assert "30.0" not in text and "per-expression" not in text.replace("no per-expression score", "")
