@@ -289,7 +289,7 @@ def _resume(w: _Worker) -> None:
 
         report = load_start_weights(w.model, start, text_encoder_fallback=w.cfg.model.text_encoder)
         if w.rank == 0:
-            print(f"[bifit] starting from {start}: {report.summary()}", flush=True)
+            print(f"[bifit] {report.summary()}", flush=True)
             append_event(w.folder, "start_weights", path=str(start), dropped=report.dropped,
                          kept_initialisation=report.kept_initialisation, loaded=report.loaded)
     if ckpt is not None:
