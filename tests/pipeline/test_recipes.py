@@ -36,7 +36,8 @@ def _params(tmp: Path, dataset: str = "ytvos", **train) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """The generated Ref-YouTube-VOS copy and the converted synthetic RefCOCO/+/g, through the stages."""
+    """The generated Ref-YouTube-VOS copy, the converted synthetic RefCOCO/+/g and the prepared synthetic A2D-Sentences,
+    through the stages."""
     from pipeline import download, generate, preprocess
 
     tmp = tmp_path_factory.mktemp("recipes")
