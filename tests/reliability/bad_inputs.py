@@ -212,8 +212,8 @@ BAD_PARAMS = [
      r"model\.msda_backend: expected 'auto', 'cpu' or 'pytorch' while ray\.use_gpu is false"),
     ("obsolete key with another value than it could hold", {"model": {"mask_dim": 64}},
      r"model\.mask_dim: expected equal to model\.hidden_dim \(32\), got 64"),
-    ("a dataset the train stage cannot read (obsolete key)", {"data": {"dataset": "a2d"}},
-     r"data\.dataset: expected 'ytvos' \(the train stage trains on Ref-YouTube-VOS-format data\), got 'a2d'"),
+    ("a video dataset the train stage cannot train on", {"data": {"dataset": "davis"}},
+     r"data\.dataset: expected .*'ytvos'.*'a2d'.*got 'davis'"),
     ("auxiliary loss with one decoder layer", {"model": {"dec_layers": 1}},
      r"model\.dec_layers: expected >= 2 when aux_loss is on, got 1"),
     ("an infinite learning rate", {"train": {"lr": float("inf")}}, r"train\.lr: expected a finite number, got inf"),
@@ -235,6 +235,11 @@ BAD_PARAMS_PREFLIGHT = [
     ("backbone weights that are not there", {"model": {"backbone_weights": "weights/resnet18-missing.pth"}},
      r"model\.backbone_weights: expected a weights file \(torchvision ResNet or official Swin/Video-Swin release\), "
      r"but .*resnet18-missing\.pth does not exist"),
+    ("A2D-Sentences training before preprocess@a2d",
+     {"data": {"dataset": "a2d", "expressions_per_clip": 1, "batch_grouping": "none"},
+      "datasets": {"prepared": "/no/such/folder/prepared"}},
+     r"data\.dataset: a2d trains on the A2D-Sentences train split, but /no/such/folder/prepared/a2d/index_train\.json "
+     r"does not exist; run `dvc repro preprocess@a2d` first"),
     ("a batch larger than the data", {"train": {"batch_size": 1000}},
      r"train\.batch_size: \d+ training samples in .* cannot fill one step of train\.batch_size \(1000\) x "
      r"ray\.num_workers \(2\)"),
