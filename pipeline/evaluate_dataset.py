@@ -106,11 +106,15 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
 def eval_ytvos(cfg, model, tokenizer, pred_dir: Path, plot: Path) -> dict:
     from bifit.data.ytvos import NUM_VALID_VIDEOS
     from bifit.eval import ytvos
+    from bifit.synthetic.ytvos import expression_kinds
 
     root, options = Path(cfg.data.root), ytvos.inference_options(cfg)
     if ytvos.has_local_ground_truth(root):
         metrics, result = ytvos.evaluate_valid(model, tokenizer, root, seed=cfg.train.seed, out_dir=pred_dir,
                                                **options)
+        kinds = expression_kinds(root, "valid")  # the generated benchmark: scores per expression kind too
+        if kinds is not None:
+            metrics.update(result.mean_by_group(kinds, ("jf", "jf_shuffled")))
         write_rows(plot, ["video", "jf"], [[v, f"{s:.6f}"] for v, s in sorted(result.per_video().items())])
         return metrics
     # real Ref-YouTube-VOS: no local GT, only the masks of the 202 valid videos for the submission zip

@@ -102,6 +102,20 @@ class YTVOSEvaluation:
     def mean(self, keys: Sequence[str]) -> dict[str, float]:
         return {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
 
+    def mean_by_group(self, groups: dict[tuple[str, str], str], keys: Sequence[str]) -> dict[str, float]:
+        """``{key}_{group}`` means and ``num_{group}`` counts over the rows of each group (``groups``: (video,
+        exp_id) -> name, e.g. the generated benchmark's expression kinds); rows without a group are left out."""
+        members: dict[str, list[dict]] = {}
+        for r in self.rows:
+            group = groups.get((r["video"], r["exp_id"]))
+            if group is not None:
+                members.setdefault(group, []).append(r)
+        out = {}
+        for group, rows in sorted(members.items()):
+            out.update({f"{k}_{group}": float(np.mean([r[k] for r in rows])) for k in keys})
+            out[f"num_{group}"] = len(rows)
+        return out
+
     def per_video(self) -> dict[str, float]:
         """J&F per video: the mean over its expressions (videos in evaluation order)."""
         scores: dict[str, list[float]] = {}

@@ -55,7 +55,7 @@ from bifit.prepare.a2d import (
 from bifit.synthetic.config import SyntheticConfig
 from bifit.synthetic.video import Video, make_video
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: expression kinds drawn as in the Ref-YouTube-VOS generator's version 2
 MANIFEST_NAME = "SYNTHETIC_A2D.json"
 BAD_INSTANCE_ROW = "1 (copy)"  # the malformed instance_id of the real a2d_annotation.txt
 

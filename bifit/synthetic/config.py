@@ -4,13 +4,13 @@ motions, relations)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from bifit.config import check, int_in
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the kinds of a video's expressions drawn with synthetic.kind_weights
 MANIFEST_NAME = "SYNTHETIC_BENCHMARK.json"
 SCENES_NAME = "synthetic_scenes.json"
 
@@ -32,6 +32,7 @@ EXTREME_TO_RELATION = {"left": "left", "right": "right", "top": "above", "bottom
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 RELATION_MARGIN = 0.04  # fraction of the frame side a spatial relation must hold by, in every co-visible frame
 ATTRIBUTES = ("size", "colour", "shape", "motion")
+EXPRESSION_KINDS = ("attribute", "motion", "position", "relation")  # bifit.synthetic.expressions.description_kind
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class SyntheticConfig:
     min_objects: int = 3
     max_objects: int = 5
     expressions_per_object: int = 2
+    # how often each kind of expression is chosen (relative weights; 0 = never): attribute "the small red circle",
+    # motion "the red object moving left", position "the leftmost circle", relation "the circle above the square"
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(EXPRESSION_KINDS, 1.0))
     small_radius: tuple[int, int] = (9, 12)
     large_radius: tuple[int, int] = (18, 24)
     min_visible_pixels: int = 20  # an object counts as present in a frame with at least this many visible pixels
@@ -69,6 +73,10 @@ class SyntheticConfig:
             if name in ("height", "width"):
                 check(getattr(self, name) % 32 == 0, f"{where}.{name}", "a multiple of 32 in [96, 2048]",
                       getattr(self, name))
+        check(isinstance(self.kind_weights, dict) and set(self.kind_weights) == set(EXPRESSION_KINDS)
+              and all(isinstance(w, int | float) and np.isfinite(w) and w >= 0 for w in self.kind_weights.values())
+              and sum(self.kind_weights.values()) > 0, f"{where}.kind_weights",
+              f"a weight >= 0 for each of {', '.join(EXPRESSION_KINDS)}, not all 0", self.kind_weights)
         limit = min(self.height, self.width) // 4
         for name in ("small_radius", "large_radius"):  # large: at least 1.4x the largest small radius
             pair = getattr(self, name)

@@ -55,7 +55,9 @@ from bifit.synthetic.config import SyntheticConfig
 from bifit.synthetic.video import Video, make_video
 from bifit.synthetic.ytvos import PALETTE
 
-GENERATOR_VERSION = 2  # 2: shared documentation files in the two DAVIS zips
+# 2: shared documentation files in the two DAVIS zips; 3: expression kinds drawn as in the Ref-YouTube-VOS
+# generator's version 2
+GENERATOR_VERSION = 3
 MANIFEST_NAME = "SYNTHETIC_DAVIS.json"
 GENERATOR = "bifit.synthetic.davis"
 TRAINVAL_ZIP = "DAVIS-2017-Unsupervised-trainval-480p.zip"

@@ -53,12 +53,21 @@ def description_kind(desc: Description) -> str:
     return "motion" if desc.motion is not None else "attribute"
 
 
-def choose_descriptions(rng, candidates: list[Description], k: int) -> list[Description]:
-    """Up to ``k`` distinct descriptions, cycling over kinds in random order and preferring short ones."""
+def choose_descriptions(rng, candidates: list[Description], k: int,
+                        kind_weights: dict[str, float] | None = None) -> list[Description]:
+    """Up to ``k`` distinct descriptions, cycling over kinds in a random order and preferring short ones.
+    kind_weights: the order is drawn without replacement with these weights (None: all equal); kinds of weight 0
+    are never chosen."""
     by_kind: dict[str, list[Description]] = {}
     for d in candidates:
-        by_kind.setdefault(description_kind(d), []).append(d)
-    kinds = [str(x) for x in rng.permutation(sorted(by_kind))]
+        kind = description_kind(d)
+        if kind_weights is None or kind_weights[kind] > 0:
+            by_kind.setdefault(kind, []).append(d)
+    if not by_kind:
+        return []
+    names = sorted(by_kind)
+    weights = np.asarray([1.0 if kind_weights is None else kind_weights[n] for n in names])
+    kinds = [str(x) for x in rng.choice(names, size=len(names), replace=False, p=weights / weights.sum())]
     chosen: list[Description] = []
     while len(chosen) < k and any(by_kind.values()):
         for kind in kinds:

@@ -35,7 +35,7 @@ from bifit.synthetic.a2d import dump_json, instance_masks, write_dataset, youtub
 from bifit.synthetic.config import SyntheticConfig
 from bifit.synthetic.video import make_video
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: expression kinds drawn as in the Ref-YouTube-VOS generator's version 2
 MANIFEST_NAME = "SYNTHETIC_JHMDB.json"
 ACTIONS = ("catch", "climb_stairs", "jump", "pullup", "run", "walk", "wave")
 SAMPLES_PER_VIDEO = 3

@@ -45,7 +45,7 @@ from bifit.synthetic.expressions import candidate_descriptions, choose_descripti
 from bifit.synthetic.scene import Description, Scene, SceneObject
 from bifit.synthetic.video import make_video
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: expression kinds drawn as in the Ref-YouTube-VOS generator's version 2
 MANIFEST_NAME = "SYNTHETIC_REFCOCO.json"
 STILLS_NAME = "synthetic_stills.json"
 IMAGE_DIR = "train2014"

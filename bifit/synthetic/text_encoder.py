@@ -58,11 +58,13 @@ class TinyTextEncoderConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     seed: int = 0
-    # pretraining on the corpus (bifit.synthetic.text_pretraining): masked-language modelling + bag of words from <s>,
-    # so that the stand-in, like roberta-base, arrives with a first token that summarises the sentence; 0 = none
+    # pretraining on the corpus (bifit.synthetic.text_pretraining): masked-language modelling, bag of words and
+    # sentence reconstruction from <s>, so that the stand-in, like roberta-base, arrives with a first token that
+    # summarises the sentence; 0 steps = none
     pretrain_steps: int = 400
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
+    pretrain_reconstruction_weight: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -86,6 +88,8 @@ class TinyTextEncoderConfig:
               f"a multiple of num_attention_heads={self.num_attention_heads}", self.hidden_size)
         check(isinstance(self.pretrain_lr, int | float) and 0 < self.pretrain_lr < 1, f"{where}.pretrain_lr",
               "a float in (0, 1)", self.pretrain_lr)
+        check(isinstance(self.pretrain_reconstruction_weight, int | float) and self.pretrain_reconstruction_weight >= 0,
+              f"{where}.pretrain_reconstruction_weight", "a float >= 0", self.pretrain_reconstruction_weight)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             check(0.0 <= getattr(self, name) < 1.0, f"{where}.{name}", "a float in [0, 1)", getattr(self, name))
 
@@ -172,7 +176,8 @@ def write_text_encoder_assets(out_dir, corpus: Iterable[str], cfg: TinyTextEncod
         tokenizer = train_tokenizer(corpus, cfg)
         model = build_text_encoder(cfg, vocab_size=len(tokenizer))
         pretraining = pretrain_text_encoder(model, tokenizer, corpus, TextPretrainingConfig(
-            steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=float(cfg.pretrain_lr), seed=cfg.seed))
+            steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=float(cfg.pretrain_lr),
+            reconstruction_weight=float(cfg.pretrain_reconstruction_weight), seed=cfg.seed))
         marker["pretraining"] = pretraining
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)

@@ -3,12 +3,18 @@
 `roberta-base` arrives pretrained: its first token already summarises the sentence, which BIFIT relies on (the
 sentence feature that conditions the queries is pooled from the fused first token). A randomly initialised
 encoder has a first token that barely depends on the sentence, and a from-scratch segmentation model then learns
-to ignore language. So the stand-in is pretrained on the generated corpus with two objectives:
+to ignore language. So the stand-in is pretrained on the generated corpus with these objectives:
 
 - masked-language modelling (RoBERTa's: 15% of the word tokens, 80% `<mask>` / 10% random / 10% kept), which
   makes the token features contextual;
 - bag of words from the first token: a multi-label prediction of which vocabulary ids occur in the sentence,
-  which makes the `<s>` feature a summary of the sentence.
+  which makes the `<s>` feature a summary of the sentence;
+- optionally (``reconstruction_weight`` > 0), sentence reconstruction from the first token: every word token,
+  in order, predicted from `<s>` alone, so the summary also tells which words go together ("the red circle left
+  of the blue square" is not "the blue circle left of the red square", which a bag of words confuses). It also
+  spreads the `<s>` features apart (the other objectives leave them sharing a large common component; the
+  returned statistics include their mean pairwise cosine). Measured on the embedded default, the segmentation
+  model did not use language better with it (README), so it is off there.
 
 Deterministic for a given seed (the global RNG state is restored afterwards).
 """
@@ -33,6 +39,7 @@ class TextPretrainingConfig:
     batch_size: int = 64
     lr: float = 1e-3
     mask_prob: float = 0.15
+    reconstruction_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -44,15 +51,33 @@ class TextPretrainingConfig:
               self.batch_size)
         check(self.lr > 0, f"{where}.lr", "a float > 0", self.lr)
         check(0 < self.mask_prob < 1, f"{where}.mask_prob", "a float in (0, 1)", self.mask_prob)
+        check(self.reconstruction_weight >= 0, f"{where}.reconstruction_weight", "a float >= 0",
+              self.reconstruction_weight)
 
 
 class PretrainingHeads(nn.Module):
-    """Token logits for masked-language modelling and bag-of-words logits from the first token."""
+    """Token logits for masked-language modelling; bag-of-words logits and the sentence's tokens in order from
+    the first token."""
 
-    def __init__(self, hidden: int, vocab: int):
+    def __init__(self, hidden: int, vocab: int, length: int):
         super().__init__()
+        self.length = length
         self.mlm = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
         self.bag_of_words = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, vocab))
+        self.reconstruction = nn.Sequential(nn.Linear(hidden, length * hidden), nn.GELU())
+        self.reconstruction_vocab = nn.Linear(hidden, vocab)
+
+    def reconstruct(self, first: torch.Tensor) -> torch.Tensor:
+        """[b, c] -> [b, length, vocab] logits of the tokens after <s>."""
+        return self.reconstruction_vocab(self.reconstruction(first).unflatten(-1, (self.length, -1)))
+
+
+def reconstruction_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, l] ids -> [b, length] ids of the tokens after <s> (-100 at padding)."""
+    targets = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -100))[:, 1:1 + length]
+    return F.pad(targets, (0, length - targets.shape[1]), value=-100)
+
+
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int, prob: float, generator):
@@ -82,11 +107,11 @@ def pretrain_text_encoder(encoder, tokenizer, corpus: list[str], cfg: TextPretra
         return {"steps": 0}
     enc = tokenizer(sorted(set(corpus)), padding="longest", return_tensors="pt")
     ids, att = enc["input_ids"], enc["attention_mask"]
-    vocab, hidden = encoder.config.vocab_size, encoder.config.hidden_size
+    vocab, hidden, length = encoder.config.vocab_size, encoder.config.hidden_size, ids.shape[1] - 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        heads = PretrainingHeads(hidden, vocab)
+        heads = PretrainingHeads(hidden, vocab, length)
         params = list(encoder.parameters()) + list(heads.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
         encoder.train()
@@ -99,7 +124,9 @@ def pretrain_text_encoder(encoder, tokenizer, corpus: list[str], cfg: TextPretra
             mlm = F.cross_entropy(heads.mlm(states).flatten(0, 1), labels.flatten(), ignore_index=-100)
             clean = encoder(input_ids=b_ids, attention_mask=b_att).last_hidden_state[:, 0]  # [b, c]
             bow = F.binary_cross_entropy_with_logits(heads.bag_of_words(clean), bag_of_words(b_ids, b_att, vocab))
-            loss = mlm + bow
+            rec = F.cross_entropy(heads.reconstruct(clean).flatten(0, 1),
+                                  reconstruction_targets(b_ids, b_att, length).flatten(), ignore_index=-100)
+            loss = mlm + bow + cfg.reconstruction_weight * rec
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -110,9 +137,24 @@ def pretrain_text_encoder(encoder, tokenizer, corpus: list[str], cfg: TextPretra
             logits = heads.mlm(encoder(input_ids=masked, attention_mask=att).last_hidden_state)
             picked = labels != -100
             mlm_acc = (logits.argmax(-1)[picked] == labels[picked]).float().mean().item()
-            predicted = heads.bag_of_words(encoder(input_ids=ids, attention_mask=att).last_hidden_state[:, 0]) > 0
+            first = encoder(input_ids=ids, attention_mask=att).last_hidden_state[:, 0]  # [n, c]
+            predicted = heads.bag_of_words(first) > 0
             target = bag_of_words(ids, att, vocab).bool()
             hits = (predicted & target).sum().item()
             f1 = 2 * hits / max(predicted.sum().item() + target.sum().item(), 1)
+            targets = reconstruction_targets(ids, att, length)
+            exact = ((heads.reconstruct(first).argmax(-1) == targets) | (targets == -100)).all(1)
+            spread = sentence_spread(first)
     return {"steps": cfg.steps, "loss_mlm": mlm.item(), "loss_bag_of_words": bow.item(),
-            "mlm_accuracy": mlm_acc, "bag_of_words_f1": f1, "sentences": int(ids.shape[0])}
+            "loss_reconstruction": rec.item(), "mlm_accuracy": mlm_acc, "bag_of_words_f1": f1,
+            "reconstruction_exact": exact.float().mean().item(), **spread, "sentences": int(ids.shape[0])}
+
+
+def sentence_spread(first: torch.Tensor) -> dict:
+    """How much the first-token features [n, c] differ between sentences: their mean pairwise cosine and the
+    share of their energy that is not the shared mean vector."""
+    n = first.shape[0]
+    unit = F.normalize(first, dim=-1)
+    cosine = ((unit @ unit.T).sum() - n) / max(n * n - n, 1)
+    specific = ((first - first.mean(0)) ** 2).sum() / (first ** 2).sum().clamp(min=1e-12)
+    return {"first_token_mean_cosine": cosine.item(), "first_token_specific_energy": specific.item()}

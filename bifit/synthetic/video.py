@@ -46,7 +46,7 @@ def make_video(cfg: SyntheticConfig, split: str, index: int) -> Video:
         scene.visible = np.stack([(ids == o.obj_id).sum(axis=(1, 2)) >= cfg.min_visible_pixels for o in objects], 1)
         if not _scene_ok(scene, full, cfg):
             continue
-        expressions = make_expressions(rng, scene, cfg.expressions_per_object)
+        expressions = make_expressions(rng, scene, cfg.expressions_per_object, cfg.kind_weights)
         if expressions is None:
             continue
         frames = [f"{t * cfg.frame_stride:05d}" for t in range(cfg.frames_per_video)]
@@ -56,10 +56,11 @@ def make_video(cfg: SyntheticConfig, split: str, index: int) -> Video:
                        "(objects too large for the frame? raise max_attempts or lower the radii)")
 
 
-def make_expressions(rng, scene: Scene, per_object: int) -> list[tuple[int, Description, str]] | None:
+def make_expressions(rng, scene: Scene, per_object: int,
+                     kind_weights: dict[str, float] | None = None) -> list[tuple[int, Description, str]] | None:
     out = []
     for o in scene.objects:
-        chosen = choose_descriptions(rng, candidate_descriptions(scene, o.obj_id), per_object)
+        chosen = choose_descriptions(rng, candidate_descriptions(scene, o.obj_id), per_object, kind_weights)
         if not chosen:
             return None
         texts: set[str] = set()

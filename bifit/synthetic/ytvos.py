@@ -199,6 +199,18 @@ def load_scenes(root: Path) -> dict:
     return json.loads((Path(root) / SCENES_NAME).read_text())
 
 
+def expression_kinds(root: Path, split: str) -> dict[tuple[str, str], str] | None:
+    """(video, exp_id) -> the expression's kind (attribute, motion, position, relation) from the sidecar of a
+    generated benchmark; None where ``root`` has no sidecar (real data)."""
+    from bifit.synthetic.expressions import description_kind
+    from bifit.synthetic.scene import Description
+
+    if not (Path(root) / SCENES_NAME).is_file():
+        return None
+    return {(video, exp_id): description_kind(Description.from_dict(exp["description"]))
+            for video, record in load_scenes(root)[split].items() for exp_id, exp in record["expressions"].items()}
+
+
 def scene_from_record(record: dict, id_maps: np.ndarray, min_visible_pixels: int) -> Scene:
     """Rebuild a :class:`Scene` from a sidecar record and the annotation id maps [T, H, W] read from disk."""
     objects = [SceneObject(o["obj_id"], o["colour"], o["shape"], o["size"], o["radius"], o["direction"], o["mode"],

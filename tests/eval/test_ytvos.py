@@ -62,6 +62,28 @@ def test_valid_split_scores_the_masks_it_writes_and_the_control(bench, tmp_path)
     assert list(per_video) == sorted({e.video for e in expressions}) and len(per_video) == 2
 
 
+def test_scores_per_expression_kind_of_the_generated_benchmark(bench):
+    from bifit.eval.ytvos import YTVOSEvaluation
+    from bifit.synthetic.ytvos import expression_kinds, load_scenes
+
+    kinds = expression_kinds(bench, "valid")
+    scenes = load_scenes(bench)["valid"]
+    assert set(kinds) == {(v, e) for v, rec in scenes.items() for e in rec["expressions"]}
+    assert set(kinds.values()) <= {"attribute", "motion", "position", "relation"}
+    for (video, exp_id), kind in kinds.items():  # the kind follows the parsed description
+        desc = scenes[video]["expressions"][exp_id]["description"]
+        expected = ("relation" if desc.get("relation") else "position" if desc.get("extreme")
+                    else "motion" if desc.get("motion") else "attribute")
+        assert kind == expected
+    assert expression_kinds(bench.parent, "valid") is None  # no sidecar: real data
+
+    rows = [{"video": "a", "exp_id": "0", "jf": 0.2}, {"video": "a", "exp_id": "1", "jf": 0.6},
+            {"video": "b", "exp_id": "0", "jf": 0.9}, {"video": "b", "exp_id": "1", "jf": 0.0}]
+    groups = {("a", "0"): "motion", ("a", "1"): "motion", ("b", "0"): "attribute"}  # ("b", "1") has none
+    assert YTVOSEvaluation(rows, 2).mean_by_group(groups, ("jf",)) == pytest.approx(
+        {"jf_attribute": 0.9, "num_attribute": 1, "jf_motion": 0.4, "num_motion": 2})
+
+
 def test_real_valid_split_writes_masks_only(bench, tmp_path):
     root = shutil.copytree(bench, tmp_path / "real")
     meta_path = root / "meta_expressions/valid/meta_expressions.json"

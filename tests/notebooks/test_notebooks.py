@@ -1,6 +1,7 @@
 """Both notebooks run top to bottom with papermill on CPU, on toy data and untrained toy checkpoints."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -93,7 +94,12 @@ def test_qualitative_notebook_writes_overlay_gif(toy, monkeypatch):
         assert gif.n_frames == 3
         assert gif.size[0] > 2 * cfg.synthetic.width  # prediction and ground truth side by side
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # overlay grid, query scores, reference points
+    assert len(images) >= 4  # overlay grid, query scores, reference points, the two expressions
+    # the two-expression table: each caption's J against both objects, then the overlap of the two masks
+    table = re.search(r"J vs object (\d+)\s+J vs object (\d+)\n'[^']+'\s+([\d.]+)\s+([\d.]+)\n'[^']+'\s+([\d.]+)\s+"
+                      r"([\d.]+)\noverlap of the two predicted masks \(IoU\): ([\d.]+)", text)
+    assert table and table[1] != table[2], text
+    assert all(0 <= float(v) <= 1 for v in table.groups()[2:])
 
 
 def test_qualitative_notebook_custom_expression_from_mlflow_run(toy, monkeypatch):

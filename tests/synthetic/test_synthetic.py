@@ -52,6 +52,9 @@ def read(root: Path, rel: str) -> dict:
     ("large_radius", (10, 12), "min <= max"),
     ("small_radius", (12, 9), "min <= max"),
     ("num_train_videos", 0, r"\[1, 100000\]"),
+    ("kind_weights", {"attribute": 1, "motion": 1, "position": 1}, "a weight >= 0 for each of attribute, motion"),
+    ("kind_weights", {"attribute": 0, "motion": 0, "position": 0, "relation": 0}, "not all 0"),
+    ("kind_weights", {"attribute": -1, "motion": 1, "position": 1, "relation": 1}, "a weight >= 0"),
 ])
 def test_config_validation_names_field_and_range(field, value, expected):
     with pytest.raises(ValueError, match=rf"SyntheticConfig\.{field}: expected .*{expected}"):
@@ -149,6 +152,21 @@ def test_expressions_are_unambiguous(bench):
             per_object = [sum(e["obj_id"] == o for e in meta.values()) for o in referred]
             assert set(per_object) == {TINY.expressions_per_object}
     assert kinds == {"attribute", "motion", "position", "relation"}
+
+
+def test_kind_weights_set_the_mix_of_expression_kinds(tmp_path):
+    def kinds(weights):
+        cfg = replace(TINY, num_train_videos=12, num_valid_videos=1, num_test_videos=0, kind_weights=weights)
+        root = tmp_path / "-".join(str(w) for w in weights.values())
+        generate_benchmark(cfg, root, progress=False)
+        return [description_kind(Description.from_dict(e["description"]))
+                for rec in load_scenes(root)["train"].values() for e in rec["expressions"].values()]
+
+    only_plain = kinds({"attribute": 1, "motion": 1, "position": 0, "relation": 0})
+    assert set(only_plain) == {"attribute", "motion"}  # weight 0: never chosen
+    mostly_relations = kinds({"attribute": 0.05, "motion": 0.05, "position": 0.05, "relation": 1})
+    share = mostly_relations.count("relation") / len(mostly_relations)
+    assert share > 0.4, share  # about half: each object's first kind is usually a relation, its second is not
 
 
 def test_ambiguous_description_is_rejected(bench):

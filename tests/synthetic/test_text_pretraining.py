@@ -11,6 +11,8 @@ from bifit.synthetic.text_pretraining import (
     bag_of_words,
     mask_tokens,
     pretrain_text_encoder,
+    reconstruction_targets,
+    sentence_spread,
 )
 
 COLOURS, SHAPES, MOTIONS = ("red", "blue", "green", "yellow"), ("circle", "square", "triangle"), ("up", "down", "left")
@@ -44,6 +46,49 @@ def test_pretraining_makes_the_first_token_a_sentence_summary(tokenizer):
     assert after > 2 * before, (before, after, stats)
 
 
+# two sentences of the same words in another order: a bag of words cannot tell them apart
+SWAPPED = [f"the {a} circle left of the {b} square" for a, b in itertools.permutations(COLOURS, 2)]
+
+
+def first_tokens(encoder, tokenizer, sentences):
+    enc = tokenizer(sentences, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        return encoder(**enc).last_hidden_state[:, 0]
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_reconstruction_tells_word_order_and_spreads_the_first_token(weight):
+    corpus = CORPUS + SWAPPED
+    tokenizer = tea.train_tokenizer(corpus, TINY)
+    encoder = tea.build_text_encoder(TINY, len(tokenizer))
+    stats = pretrain_text_encoder(encoder, tokenizer, corpus, TextPretrainingConfig(
+        steps=600, batch_size=16, lr=3e-3, reconstruction_weight=weight, seed=0))
+    encoder.eval()
+    spread = sentence_spread(first_tokens(encoder, tokenizer, corpus))
+    assert stats["first_token_mean_cosine"] == pytest.approx(spread["first_token_mean_cosine"], abs=1e-5)
+    if weight:  # most sentences recovered word by word (chance: none), features far apart
+        assert stats["reconstruction_exact"] > 0.5, stats
+        assert spread["first_token_mean_cosine"] < 0.5, spread
+    else:  # the head is never trained: nothing recovered, and the features share a large common part
+        assert stats["reconstruction_exact"] < 0.1, stats
+        assert spread["first_token_mean_cosine"] > 0.6, spread
+
+
+def test_reconstruction_targets_are_the_tokens_after_the_first():
+    ids = torch.tensor([[0, 7, 8, 2, 1], [0, 9, 2, 1, 1]])
+    att = (ids != 1).long()
+    assert reconstruction_targets(ids, att, 5).tolist() == [[7, 8, 2, -100, -100, ], [9, 2, -100, -100, -100]]
+    assert reconstruction_targets(ids, att, 2).tolist() == [[7, 8], [9, 2]]
+
+
+def test_sentence_spread_of_equal_and_orthogonal_features():
+    assert sentence_spread(torch.ones(4, 3)) == pytest.approx({"first_token_mean_cosine": 1.0,
+                                                               "first_token_specific_energy": 0.0})
+    spread = sentence_spread(torch.eye(3))
+    assert spread["first_token_mean_cosine"] == pytest.approx(0.0)
+    assert spread["first_token_specific_energy"] == pytest.approx(2 / 3)  # each row minus the mean (1/3, 1/3, 1/3)
+
+
 def test_pretraining_is_deterministic_and_leaves_the_global_rng_alone(tokenizer):
     states = []
     for _ in range(2):
@@ -71,3 +116,5 @@ def test_bad_settings_name_the_field():
         TextPretrainingConfig(mask_prob=1.5)
     with pytest.raises(ValueError, match="TinyTextEncoderConfig.pretrain_lr"):
         tea.TinyTextEncoderConfig(pretrain_lr=0)
+    with pytest.raises(ValueError, match="TinyTextEncoderConfig.pretrain_reconstruction_weight"):
+        tea.TinyTextEncoderConfig(pretrain_reconstruction_weight=-1)
