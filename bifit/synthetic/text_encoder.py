@@ -58,9 +58,9 @@ class TinyTextEncoderConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     seed: int = 0
-    # pretraining on the corpus (bifit.synthetic.text_pretraining): masked-language modelling, bag of words and
-    # sentence reconstruction from <s>, so that the stand-in, like roberta-base, arrives with a first token that
-    # summarises the sentence; 0 steps = none
+    # pretraining on the corpus (bifit.synthetic.text_pretraining): masked-language modelling and bag of words from
+    # <s> (with a reconstruction weight > 0 also the sentence's tokens in order from <s>), so that the stand-in, like
+    # roberta-base, arrives with a first token that summarises the sentence; 0 steps = none
     pretrain_steps: int = 400
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3

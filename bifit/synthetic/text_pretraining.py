@@ -56,16 +56,17 @@ class TextPretrainingConfig:
 
 
 class PretrainingHeads(nn.Module):
-    """Token logits for masked-language modelling; bag-of-words logits and the sentence's tokens in order from
-    the first token."""
+    """Token logits for masked-language modelling; bag-of-words logits and, with a `length`, the sentence's
+    tokens in order from the first token."""
 
-    def __init__(self, hidden: int, vocab: int, length: int):
+    def __init__(self, hidden: int, vocab: int, length: int | None = None):
         super().__init__()
         self.length = length
         self.mlm = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
         self.bag_of_words = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, vocab))
-        self.reconstruction = nn.Sequential(nn.Linear(hidden, length * hidden), nn.GELU())
-        self.reconstruction_vocab = nn.Linear(hidden, vocab)
+        if length is not None:  # built only when used: its initialisation would shift the dropout's random draws
+            self.reconstruction = nn.Sequential(nn.Linear(hidden, length * hidden), nn.GELU())
+            self.reconstruction_vocab = nn.Linear(hidden, vocab)
 
     def reconstruct(self, first: torch.Tensor) -> torch.Tensor:
         """[b, c] -> [b, length, vocab] logits of the tokens after <s>."""
@@ -76,8 +77,6 @@ def reconstruction_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor
     """[b, l] ids -> [b, length] ids of the tokens after <s> (-100 at padding)."""
     targets = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -100))[:, 1:1 + length]
     return F.pad(targets, (0, length - targets.shape[1]), value=-100)
-
-
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int, prob: float, generator):
@@ -107,7 +106,8 @@ def pretrain_text_encoder(encoder, tokenizer, corpus: list[str], cfg: TextPretra
         return {"steps": 0}
     enc = tokenizer(sorted(set(corpus)), padding="longest", return_tensors="pt")
     ids, att = enc["input_ids"], enc["attention_mask"]
-    vocab, hidden, length = encoder.config.vocab_size, encoder.config.hidden_size, ids.shape[1] - 1
+    vocab, hidden = encoder.config.vocab_size, encoder.config.hidden_size
+    length = ids.shape[1] - 1 if cfg.reconstruction_weight > 0 else None  # None: no reconstruction objective
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -124,9 +124,11 @@ def pretrain_text_encoder(encoder, tokenizer, corpus: list[str], cfg: TextPretra
             mlm = F.cross_entropy(heads.mlm(states).flatten(0, 1), labels.flatten(), ignore_index=-100)
             clean = encoder(input_ids=b_ids, attention_mask=b_att).last_hidden_state[:, 0]  # [b, c]
             bow = F.binary_cross_entropy_with_logits(heads.bag_of_words(clean), bag_of_words(b_ids, b_att, vocab))
-            rec = F.cross_entropy(heads.reconstruct(clean).flatten(0, 1),
-                                  reconstruction_targets(b_ids, b_att, length).flatten(), ignore_index=-100)
-            loss = mlm + bow + cfg.reconstruction_weight * rec
+            loss = mlm + bow
+            if length is not None:
+                rec = F.cross_entropy(heads.reconstruct(clean).flatten(0, 1),
+                                      reconstruction_targets(b_ids, b_att, length).flatten(), ignore_index=-100)
+                loss = loss + cfg.reconstruction_weight * rec
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -142,12 +144,14 @@ def pretrain_text_encoder(encoder, tokenizer, corpus: list[str], cfg: TextPretra
             target = bag_of_words(ids, att, vocab).bool()
             hits = (predicted & target).sum().item()
             f1 = 2 * hits / max(predicted.sum().item() + target.sum().item(), 1)
-            targets = reconstruction_targets(ids, att, length)
-            exact = ((heads.reconstruct(first).argmax(-1) == targets) | (targets == -100)).all(1)
-            spread = sentence_spread(first)
-    return {"steps": cfg.steps, "loss_mlm": mlm.item(), "loss_bag_of_words": bow.item(),
-            "loss_reconstruction": rec.item(), "mlm_accuracy": mlm_acc, "bag_of_words_f1": f1,
-            "reconstruction_exact": exact.float().mean().item(), **spread, "sentences": int(ids.shape[0])}
+            stats = {"steps": cfg.steps, "loss_mlm": mlm.item(), "loss_bag_of_words": bow.item(),
+                     "mlm_accuracy": mlm_acc, "bag_of_words_f1": f1, **sentence_spread(first),
+                     "sentences": int(ids.shape[0])}
+            if length is not None:
+                targets = reconstruction_targets(ids, att, length)
+                exact = ((heads.reconstruct(first).argmax(-1) == targets) | (targets == -100)).all(1)
+                stats.update(loss_reconstruction=rec.item(), reconstruction_exact=exact.float().mean().item())
+    return stats
 
 
 def sentence_spread(first: torch.Tensor) -> dict:

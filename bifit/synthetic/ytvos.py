@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from bifit.fsutil import staged_folder
 from bifit.synthetic.config import GENERATOR_VERSION, MANIFEST_NAME, SCENES_NAME, SyntheticConfig
-from bifit.synthetic.scene import Scene, SceneObject
+from bifit.synthetic.expressions import description_kind
+from bifit.synthetic.scene import Description, Scene, SceneObject
 from bifit.synthetic.video import Video, make_video
 
 
@@ -202,9 +203,6 @@ def load_scenes(root: Path) -> dict:
 def expression_kinds(root: Path, split: str) -> dict[tuple[str, str], str] | None:
     """(video, exp_id) -> the expression's kind (attribute, motion, position, relation) from the sidecar of a
     generated benchmark; None where ``root`` has no sidecar (real data)."""
-    from bifit.synthetic.expressions import description_kind
-    from bifit.synthetic.scene import Description
-
     if not (Path(root) / SCENES_NAME).is_file():
         return None
     return {(video, exp_id): description_kind(Description.from_dict(exp["description"]))

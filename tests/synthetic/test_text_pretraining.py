@@ -69,15 +69,15 @@ def test_reconstruction_tells_word_order_and_spreads_the_first_token(weight):
     if weight:  # most sentences recovered word by word (chance: none), features far apart
         assert stats["reconstruction_exact"] > 0.5, stats
         assert spread["first_token_mean_cosine"] < 0.5, spread
-    else:  # the head is never trained: nothing recovered, and the features share a large common part
-        assert stats["reconstruction_exact"] < 0.1, stats
+    else:  # no reconstruction head, and the features share a large common part
+        assert "reconstruction_exact" not in stats and "loss_reconstruction" not in stats, stats
         assert spread["first_token_mean_cosine"] > 0.6, spread
 
 
 def test_reconstruction_targets_are_the_tokens_after_the_first():
     ids = torch.tensor([[0, 7, 8, 2, 1], [0, 9, 2, 1, 1]])
     att = (ids != 1).long()
-    assert reconstruction_targets(ids, att, 5).tolist() == [[7, 8, 2, -100, -100, ], [9, 2, -100, -100, -100]]
+    assert reconstruction_targets(ids, att, 5).tolist() == [[7, 8, 2, -100, -100], [9, 2, -100, -100, -100]]
     assert reconstruction_targets(ids, att, 2).tolist() == [[7, 8], [9, 2]]
 
 
