@@ -74,6 +74,9 @@ class ModelConfig:
     # vision-to-text fusion (official), before it (the resized encoder output), or the mean of the resized
     # encoder output over the expression's tokens (text_mean)
     sentence_source: Literal["fused_text", "text", "text_mean"] = "fused_text"
+    # where the decoder queries start: learned (official: a learned point per query, the same for every
+    # expression) or text_guided (the soft-argmax of a sentence-to-token map; bifit/models/referent_map.py)
+    query_reference: Literal["learned", "text_guided"] = "learned"
     msda_backend: Literal["auto", "cpu", "cuda", "pytorch"] = "auto"
 
     def validate(self, where: str = "model"):
@@ -126,6 +129,7 @@ class LossConfig:
     mask_loss_coef: float = 2.0
     dice_loss_coef: float = 5.0
     focal_alpha: float = 0.25
+    referent_map_coef: float = 0.0  # the text-guided start point's map against the ground-truth mask (0: off)
 
     def validate(self, where: str = "loss"):
         for f in dataclasses.fields(self):
@@ -137,6 +141,8 @@ class LossConfig:
              "loss_mask": self.mask_loss_coef, "loss_dice": self.dice_loss_coef}
         if aux_loss:
             w.update({f"{k}_{i}": v for i in range(dec_layers - 1) for k, v in list(w.items())})
+        if self.referent_map_coef > 0:
+            w["loss_referent_map"] = self.referent_map_coef  # one map per frame, not per decoder layer
         return w
 
 

@@ -25,11 +25,12 @@ OFFICIAL = {
     "model.enc_n_points": 4, "model.dec_n_points": 4, "model.num_queries": 5, "model.num_classes": 1,
     "model.controller_layers": 3, "model.dynamic_mask_channels": 8, "model.rel_coord": True,
     "model.aux_loss": True, "model.inter_frame_layers": 1, "model.bidirectional_vl": True,
-    "model.sentence_source": "fused_text",
+    "model.sentence_source": "fused_text", "model.query_reference": "learned",
     # matcher and loss
     "matcher.cost_class": 2.0, "matcher.cost_bbox": 5.0, "matcher.cost_giou": 2.0, "matcher.cost_mask": 2.0,
     "matcher.cost_dice": 5.0, "loss.cls_loss_coef": 2.0, "loss.bbox_loss_coef": 5.0, "loss.giou_loss_coef": 2.0,
     "loss.mask_loss_coef": 2.0, "loss.dice_loss_coef": 5.0, "loss.focal_alpha": 0.25,
+    "loss.referent_map_coef": 0.0,
     # data: Ref-YouTube-VOS, 6-frame clips, the official augmentation and inference size
     "data.dataset": "ytvos", "data.root": "data/ref-youtube-vos", "data.categories": "ytvos",
     "data.photometric": "official", "data.num_frames": 6,

@@ -97,6 +97,7 @@ class BIFIT(nn.Module):
             d_model=d, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers, num_decoder_layers=cfg.dec_layers,
             dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
             enc_n_points=cfg.enc_n_points, dec_n_points=cfg.dec_n_points, inter_frame_layers=cfg.inter_frame_layers,
+            query_reference=cfg.query_reference,
         )
         class_embed = nn.Linear(d, cfg.num_classes)
         bbox_embed = MLP(d, d, 4, 3)
@@ -194,8 +195,9 @@ class BIFIT(nn.Module):
         srcs, sentence = self.vl_interaction(visual.srcs, visual.src_masks, visual.src_poses, text_seq, text_mask,
                                              text_pos, t, encoder_sentence)
         queries = sentence[:, None, None].expand(b, t, q, -1).reshape(b * t, q, -1)  # [b, c] -> [(b t), q, c]
+        frame_sentence = sentence[:, None].expand(b, t, -1).reshape(b * t, -1)  # [b, c] -> [(b t), c]
         out = self.transformer(srcs, visual.src_masks, visual.src_poses, queries, self.query_embed.weight, t,
-                               self.bbox_embed)
+                               self.bbox_embed, frame_sentence)
         mask_features = self.pixel_decoder(visual.res2, out["memory"], visual.masks, visual.poses, text_seq, text_mask,
                                            text_pos, t)
         return self._predict(out, mask_features, image_sizes, b, t, with_aux)
@@ -214,6 +216,8 @@ class BIFIT(nn.Module):
             })
         outputs = dict(per_level[-1])
         outputs["aux_outputs"] = per_level[:-1]
+        if out["referent_map"] is not None:
+            outputs["referent_map"] = out["referent_map"].view(b, t, *out["referent_map"].shape[-2:])
         if not self.training and len(out["references"]) > 1:
             outputs["reference_points"] = out["references"][-2][..., :2].reshape(b, t, q, 2)
         return outputs

@@ -9,6 +9,7 @@ from torch import nn
 
 from bifit.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from bifit.models.matcher import pad_and_subsample_masks
+from bifit.models.referent_map import referent_map_loss
 
 
 def sigmoid_focal_loss(logits, targets, num_boxes, alpha: float = 0.25, gamma: float = 2.0):
@@ -88,6 +89,8 @@ class SetCriterion(nn.Module):
                      **self.loss_boxes(out, targets, matched, num_boxes),
                      **self.loss_masks(out, targets, matched, num_boxes, target_masks)}
             losses.update({k + suffix: v for k, v in terms.items()})
+        if "referent_map" in outputs and "loss_referent_map" in self.weight_dict:
+            losses["loss_referent_map"] = referent_map_loss(outputs["referent_map"], target_masks, num_boxes)
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

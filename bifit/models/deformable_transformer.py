@@ -9,6 +9,7 @@ from torch import nn
 from bifit.models.box_ops import inverse_sigmoid
 from bifit.models.inter_frame import InterFrameInteraction
 from bifit.models.ms_deform_attn import MSDeformAttn
+from bifit.models.referent_map import ReferentMap, token_centres
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -121,7 +122,10 @@ class DeformableDecoder(nn.Module):
 
 class DeformableTransformer(nn.Module):
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=2048,
-                 dropout=0.1, num_feature_levels=4, enc_n_points=4, dec_n_points=4, inter_frame_layers=1):
+                 dropout=0.1, num_feature_levels=4, enc_n_points=4, dec_n_points=4, inter_frame_layers=1,
+                 query_reference="learned"):
+        """query_reference: where the queries start: "learned" (official: Linear(query_pos)) or "text_guided"
+        (the soft-argmax of a sentence-to-token map on the finest level, `bifit.models.referent_map`)."""
         super().__init__()
         self.d_model = d_model
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -129,7 +133,13 @@ class DeformableTransformer(nn.Module):
                       n_heads=nhead)
         self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **common)
         self.decoder = DeformableDecoder(num_decoder_layers, inter_frame_layers, n_points=dec_n_points, **common)
-        self.reference_points = nn.Linear(d_model, 2)
+        if query_reference == "learned":
+            self.reference_points = nn.Linear(d_model, 2)
+        elif query_reference == "text_guided":
+            self.referent_map = ReferentMap(d_model)
+        else:
+            raise ValueError(f"query_reference {query_reference!r}: expected 'learned' or 'text_guided'")
+        self.query_reference = query_reference
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -139,7 +149,8 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
-        nn.init.zeros_(self.reference_points.bias)
+        if self.query_reference == "learned":
+            nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
     @staticmethod
@@ -150,8 +161,9 @@ class DeformableTransformer(nn.Module):
         valid_w = (~mask[:, 0, :]).sum(1)
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
-    def forward(self, srcs, masks, poses, tgt, query_pos, num_frames, bbox_embed):
-        """srcs/poses [(b t), c, h, w] per level; masks [(b t), h, w]; tgt [(b t), q, c]; query_pos [q, c]."""
+    def forward(self, srcs, masks, poses, tgt, query_pos, num_frames, bbox_embed, sentence=None):
+        """srcs/poses [(b t), c, h, w] per level; masks [(b t), h, w]; tgt [(b t), q, c]; query_pos [q, c];
+        sentence [(b t), c] (needed by the text-guided start point)."""
         shapes = [tuple(src.shape[-2:]) for src in srcs]
         # [(b t), c, h, w] -> [(b t), (h w), c], concatenated over levels: [(b t), s, c]
         src_flat = torch.cat([src.permute(0, 2, 3, 1).flatten(1, 2) for src in srcs], 1)
@@ -166,7 +178,17 @@ class DeformableTransformer(nn.Module):
         memory = self.encoder(src_flat, pos_flat, shapes, spatial_shapes, level_start_index, valid_ratios, mask_flat)
 
         query_pos = query_pos[None].expand(tgt.shape[0], -1, -1)
-        init_reference = self.reference_points(query_pos).sigmoid()  # [(b t), q, 2]
+        referent_map = None
+        if self.query_reference == "learned":
+            init_reference = self.reference_points(query_pos).sigmoid()  # [(b t), q, 2]
+        else:
+            if sentence is None:
+                raise ValueError("query_reference 'text_guided' needs the sentence feature")
+            h0, w0 = shapes[0]
+            point, logits = self.referent_map(memory[:, : h0 * w0], sentence, mask_flat[:, : h0 * w0],
+                                              token_centres(h0, w0, valid_ratios[:, 0]))
+            init_reference = point[:, None].expand(-1, tgt.shape[1], -1)  # [(b t), 2] -> [(b t), q, 2]
+            referent_map = logits.view(-1, h0, w0)  # [(b t), h0, w0]
         hs, refs, boxes = self.decoder(tgt, query_pos, init_reference, memory, spatial_shapes, level_start_index,
                                        valid_ratios, mask_flat, num_frames, bbox_embed)
         # the first three levels of memory back to maps [(b t), c, h, w] for the pixel decoder
@@ -174,4 +196,5 @@ class DeformableTransformer(nn.Module):
             m.reshape(m.shape[0], h, w, -1).permute(0, 3, 1, 2)
             for m, (h, w) in zip(memory.split([h * w for h, w in shapes], 1)[:-1], shapes[:-1])
         ]
-        return dict(hs=hs, init_reference=init_reference, references=refs, boxes=boxes, memory=memory_maps)
+        return dict(hs=hs, init_reference=init_reference, references=refs, boxes=boxes, memory=memory_maps,
+                    referent_map=referent_map)
