@@ -26,6 +26,9 @@ class VideoDetails:
     best_query: int  # the query with the highest score averaged over frames
     reference_points: np.ndarray | None  # [t, q, 2] normalised (x, y) of the last decoder layer's input
     boxes: np.ndarray  # [t, q, 4] normalised (cx, cy, w, h)
+    # [t, h, w] where the queries start (model.query_reference: text_guided): the referent map's probabilities on
+    # the finest encoder level, each frame summing to 1; None for the learned start point
+    referent_map: np.ndarray | None = None
 
 
 @torch.no_grad()
@@ -46,9 +49,12 @@ def describe_video(model, tokenizer, frames: torch.Tensor, caption: str, orig_si
     masks, probs, best, _ = video_masks(outputs, (h, w), orig_size, threshold)
     scores = outputs["pred_logits"][0].sigmoid().amax(-1)  # [t, q]
     refs = outputs.get("reference_points")
+    ref_map = outputs.get("referent_map")  # [1, t, h, w] logits
+    if ref_map is not None:
+        ref_map = ref_map[0].flatten(1).softmax(-1).view_as(ref_map[0]).cpu().numpy()
     return VideoDetails(
         caption=caption, masks=masks.cpu().numpy(), probabilities=probs.float().cpu().numpy(),
         scores=scores.float().cpu().numpy(), best_query=best,
         reference_points=None if refs is None else refs[0].float().cpu().numpy(),
-        boxes=outputs["pred_boxes"][0].float().cpu().numpy())
+        boxes=outputs["pred_boxes"][0].float().cpu().numpy(), referent_map=ref_map)
 

@@ -104,3 +104,17 @@ def test_only_the_text_guided_start_point_depends_on_the_expression():
     assert not torch.allclose(guided[0], guided[1])
     learned = _start_points(tiny_model(), sentences)
     assert torch.equal(learned[0], learned[1])
+
+
+@pytest.mark.parametrize("query_reference", ["learned", "text_guided"])
+def test_describe_video_reports_the_start_point_map_of_a_text_guided_model(query_reference):
+    from bifit.qualitative import describe_video
+    from tests.eval.fakes import WordTokenizer
+
+    model = tiny_model(query_reference=query_reference)
+    details = describe_video(model, WordTokenizer(), torch.randn(2, 3, 64, 96), "a b", (64, 96))
+    if query_reference == "learned":
+        assert details.referent_map is None
+    else:
+        assert details.referent_map.shape == (2, 8, 12)  # the stride-8 level of a 64 x 96 frame
+        assert details.referent_map.sum(axis=(1, 2)) == pytest.approx([1.0, 1.0], abs=1e-5)
