@@ -77,13 +77,17 @@ class ModelConfig:
     # where the decoder queries start: learned (official: a learned point per query, the same for every
     # expression) or text_guided (the soft-argmax of a sentence-to-token map; bifit/models/referent_map.py)
     query_reference: Literal["learned", "text_guided"] = "learned"
+    # > 0: a linear head on the finest encoder level's tokens predicts the category of the object under each token
+    # (trained with loss.token_category_coef; not in the official model). The number of categories of
+    # data.categories: 4 for the generated benchmark (its shapes), 65 for Ref-YouTube-VOS
+    token_category_classes: int = 0
     msda_backend: Literal["auto", "cpu", "cuda", "pytorch"] = "auto"
 
     def validate(self, where: str = "model"):
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "num_classes",
                      "dynamic_mask_channels", "enc_n_points", "dec_n_points"):
             check(getattr(self, name) >= 1, f"{where}.{name}", "an integer >= 1", getattr(self, name))
-        for name in ("enc_layers", "inter_frame_layers"):
+        for name in ("enc_layers", "inter_frame_layers", "token_category_classes"):
             check(getattr(self, name) >= 0, f"{where}.{name}", "an integer >= 0", getattr(self, name))
         check(0 <= self.backbone_trainable_layers <= 5, f"{where}.backbone_trainable_layers", "an integer in [0, 5]",
               self.backbone_trainable_layers)
@@ -130,6 +134,8 @@ class LossConfig:
     dice_loss_coef: float = 5.0
     focal_alpha: float = 0.25
     referent_map_coef: float = 0.0  # the text-guided start point's map against the ground-truth mask (0: off)
+    token_category_coef: float = 0.0  # the token-category head (model.token_category_classes) against the referent's
+                                      # category on the tokens its mask covers (0: off)
 
     def validate(self, where: str = "loss"):
         for f in dataclasses.fields(self):
@@ -143,6 +149,8 @@ class LossConfig:
             w.update({f"{k}_{i}": v for i in range(dec_layers - 1) for k, v in list(w.items())})
         if self.referent_map_coef > 0:
             w["loss_referent_map"] = self.referent_map_coef  # one map per frame, not per decoder layer
+        if self.token_category_coef > 0:
+            w["loss_token_category"] = self.token_category_coef  # one per frame, on the encoder's tokens
         return w
 
 
@@ -210,6 +218,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision on GPU only
     skip_nonfinite_batches: bool = False  # true: skip a batch whose loss is NaN/inf (counted) instead of stopping
     max_steps_per_epoch: int | None = None
+    # > 0: the exported model is the exponential moving average of the weights with this decay per optimizer step
+    # (bifit/ema.py; not in the official recipe); 0: the last weights
+    ema_decay: float = 0.0
     # true: torch.use_deterministic_algorithms (warn-only) and deterministic cuDNN/cuBLAS; CPU runs are bitwise
     # reproducible without it, GPU runs only up to the ops that have no deterministic CUDA kernel (README)
     deterministic: bool = False
@@ -229,6 +240,7 @@ class TrainConfig:
             check(getattr(self, name) >= 0, f"{where}.{name}", "a float >= 0", getattr(self, name))
         check(self.lr > 0, f"{where}.lr", "a float > 0", self.lr)
         check(0 < self.lr_gamma <= 1, f"{where}.lr_gamma", "a float in (0, 1]", self.lr_gamma)
+        check(0 <= self.ema_decay < 1, f"{where}.ema_decay", "a float in [0, 1) (0: off)", self.ema_decay)
         check(all(e >= 1 for e in self.lr_drop), f"{where}.lr_drop", "a list of epochs >= 1", self.lr_drop)
         check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, f"{where}.max_steps_per_epoch",
               "null or an integer >= 1", self.max_steps_per_epoch)
@@ -268,7 +280,25 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        if self.loss.token_category_coef > 0:
+            check(self.model.token_category_classes > 0, "model.token_category_classes",
+                  "an integer > 0 while loss.token_category_coef is > 0 (the head the loss trains)",
+                  self.model.token_category_classes)
+        if self.model.token_category_classes > 0:
+            expected = len(category_names(self.data.categories))
+            check(self.model.token_category_classes == expected, "model.token_category_classes",
+                  f"{expected} (the number of categories of data.categories: {self.data.categories}) or 0",
+                  self.model.token_category_classes)
         return self
+
+
+def category_names(categories: str) -> tuple[str, ...]:
+    """The class list `data.categories` names: the 65 Ref-YouTube-VOS categories or the generated shapes."""
+    if categories == "synthetic":
+        from bifit.synthetic.config import SYNTHETIC_CATEGORIES
+        return SYNTHETIC_CATEGORIES
+    from bifit.data.ytvos import YTVOS_CATEGORIES
+    return YTVOS_CATEGORIES
 
 
 # Keys of earlier versions that could hold one value only. The configs saved in checkpoints (and older params

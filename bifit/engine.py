@@ -219,11 +219,12 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoch: int, clip_max_norm: float = 0.1,
                     max_steps: int | None = None, skip_nonfinite: bool = False, amp: bool = False,
-                    on_step: Callable[[int, dict], None] | None = None, global_step: int = 0) -> dict:
+                    on_step: Callable[[int, dict], None] | None = None, global_step: int = 0, ema=None) -> dict:
     """One pass over `loader`. Returns averaged loss terms, steps, skipped steps, clips/s, the last step and
     `redrawn_samples` (the loader's redraws for the batches used, summed over ranks: a collective call).
 
-    on_step(global_step, {"loss": ..., "lr/<group>": ..., terms...}) is called after every optimizer step.
+    on_step(global_step, {"loss": ..., "lr/<group>": ..., terms...}) is called after every optimizer step;
+    ema (a `bifit.ema.ModelEMA`) is updated after every optimizer step (not after a skipped batch).
     """
     model.train()
     sums, steps, skipped, clips, redrawn = defaultdict(float), 0, 0, 0, 0
@@ -267,6 +268,8 @@ def train_one_epoch(model, criterion, loader, optimizer, tokenizer, device, epoc
             optimizer.zero_grad(set_to_none=True)
             continue
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
         steps += 1
         clips += inputs["images"].shape[0]
         for k, v in values.items():

@@ -12,7 +12,8 @@ run's events. With another recipe the pretrain stage trains nothing and says so 
 Checkpoints: every epoch, rank 0 writes `runs/<stage>/<config hash>/epoch_NNNN.pth` atomically and
 reports it to Ray Train. A rerun with the same settings resumes from the newest readable checkpoint
 (Ray's own restored checkpoint first, then that folder); a corrupt file is skipped with a warning.
-The final model is written to `paths.model` (pretrain: `paths.pretrained`/bifit.pth), a DVC output.
+The final model is written to `paths.model` (pretrain: `paths.pretrained`/bifit.pth), a DVC output: the last
+weights, or with `train.ema_decay` > 0 their moving average (bifit/ema.py; every checkpoint holds both).
 
 MLflow (pipeline/tracking.py): the run is RUNNING while the stage trains, FINISHED once the final model is logged
 (the checkpoint as `model/bifit.pth` and as the pyfunc model `bifit`), FAILED when the stage raises; the workers
@@ -221,6 +222,7 @@ class _Worker:
     sampler: Any = None  # with the loader, set by _distribute
     loader: Any = None
     steps_per_epoch: int = 0
+    ema: Any = None  # rank 0 with train.ema_decay > 0: bifit.ema.ModelEMA (every rank holds the same weights)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -301,6 +303,14 @@ def _resume(w: _Worker) -> None:
         w.redrawn = ckpt.get("redrawn_samples", 0)
         if w.rank == 0:
             print(f"[bifit] resuming from {ckpt['path']} (epoch {ckpt['epoch'] + 1} done)", flush=True)
+    if w.rank == 0 and w.cfg.train.ema_decay > 0:
+        from bifit.ema import ModelEMA
+
+        w.ema = ModelEMA(w.model, w.cfg.train.ema_decay)  # from the weights training starts or resumes from
+        if ckpt is not None and "ema" in ckpt:
+            w.ema.load_state_dict(ckpt["ema"])
+        elif ckpt is not None:
+            print(f"[bifit] {ckpt['path']} holds no weight average: it restarts from the resumed weights", flush=True)
     if w.rank == 0:
         truncate_loss_csv(w.loss_csv, w.global_step)
         append_event(w.folder, "resume" if ckpt else "start", epoch=w.start_epoch, global_step=w.global_step,
@@ -351,7 +361,7 @@ def _train_epoch(w: _Worker, epoch: int) -> dict:
     stats = train_one_epoch(w.model, w.criterion, w.loader, w.optimizer, w.tokenizer, w.device, epoch,
                             cfg.train.clip_max_norm, max_steps=cfg.train.max_steps_per_epoch,
                             skip_nonfinite=cfg.train.skip_nonfinite_batches, amp=cfg.train.amp,
-                            on_step=on_step, global_step=w.global_step)
+                            on_step=on_step, global_step=w.global_step, ema=w.ema)
     close()
     w.global_step = stats["global_step"]
     w.scheduler.step()
@@ -398,7 +408,8 @@ def _save_checkpoint(w: _Worker, epoch: int, metrics: dict) -> Path:
     """Rank 0: `epoch_NNNN.pth` in the run folder (bifit.checkpoint.save_checkpoint: written atomically); the model
     and config, and everything else a resume needs."""
     path = w.folder / f"epoch_{epoch:04d}.pth"
-    save_checkpoint(path, w.model, to_dict(w.cfg), optimizer=w.optimizer.state_dict(),
+    extra = {"ema": w.ema.state_dict()} if w.ema is not None else {}
+    save_checkpoint(path, w.model, to_dict(w.cfg), **extra, optimizer=w.optimizer.state_dict(),
                     lr_scheduler=w.scheduler.state_dict(), epoch=epoch, global_step=w.global_step, metrics=metrics,
                     mlflow_run_id=w.run_id, skipped_nonfinite_batches=w.skipped_nonfinite, redrawn_samples=w.redrawn)
     return path
@@ -572,8 +583,10 @@ def export(cfg: PipelineConfig, out: dict) -> None:
     paths = stage_outputs(cfg)
     with tracking.active_run(cfg.mlflow.resolved_uri(), out["run_id"]):
         model_path = paths["model"]
-        save_checkpoint(model_path, final["model"], final["config"], epoch=final["epoch"], mlflow_run_id=out["run_id"],
-                        metrics=final["metrics"])
+        # with train.ema_decay > 0 the exported weights are the average (the checkpoints keep both)
+        weights, kind = (final["ema"]["model"], "ema") if "ema" in final else (final["model"], "last")
+        save_checkpoint(model_path, weights, final["config"], epoch=final["epoch"], mlflow_run_id=out["run_id"],
+                        metrics=final["metrics"], weights=kind)
         for p in (paths["metrics"], paths["loss"]):
             p.parent.mkdir(parents=True, exist_ok=True)
         metrics = {k: v for k, v in final["metrics"].items()}

@@ -26,11 +26,12 @@ OFFICIAL = {
     "model.controller_layers": 3, "model.dynamic_mask_channels": 8, "model.rel_coord": True,
     "model.aux_loss": True, "model.inter_frame_layers": 1, "model.bidirectional_vl": True,
     "model.sentence_source": "fused_text", "model.query_reference": "learned",
+    "model.token_category_classes": 0,
     # matcher and loss
     "matcher.cost_class": 2.0, "matcher.cost_bbox": 5.0, "matcher.cost_giou": 2.0, "matcher.cost_mask": 2.0,
     "matcher.cost_dice": 5.0, "loss.cls_loss_coef": 2.0, "loss.bbox_loss_coef": 5.0, "loss.giou_loss_coef": 2.0,
     "loss.mask_loss_coef": 2.0, "loss.dice_loss_coef": 5.0, "loss.focal_alpha": 0.25,
-    "loss.referent_map_coef": 0.0,
+    "loss.referent_map_coef": 0.0, "loss.token_category_coef": 0.0,
     # data: Ref-YouTube-VOS, 6-frame clips, the official augmentation and inference size
     "data.dataset": "ytvos", "data.root": "data/ref-youtube-vos", "data.categories": "ytvos",
     "data.photometric": "official", "data.num_frames": 6,
@@ -42,6 +43,7 @@ OFFICIAL = {
     "train.seed": 42, "train.lr": 5e-5, "train.lr_backbone": 1e-5, "train.lr_text_encoder": 1e-5,
     "train.lr_text_fusion": 5e-5, "train.lr_linear_proj_mult": 1.0, "train.weight_decay": 5e-4,
     "train.lr_gamma": 0.1, "train.clip_max_norm": 0.1, "train.max_steps_per_epoch": None,
+    "train.ema_decay": 0.0,
     # inference
     "eval.threshold": 0.5, "eval.num_frames": None,
     # evaluation protocols and training data of the pipeline

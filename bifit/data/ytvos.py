@@ -317,7 +317,7 @@ def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequ
 class YTVOSDataset(Dataset):
     """Ref-YouTube-VOS training clips: ``(imgs [T, 3, H, W], target)``.
 
-    ``target`` keys: ``frames_idx`` [T] long, ``labels`` [T] long (category ids), ``boxes`` [T, 4] (normalised
+    ``target`` keys: ``frames_idx`` [T] long, ``labels`` [T] long and ``category`` [] long (category ids), ``boxes`` [T, 4] (normalised
     cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32, ``caption``, ``orig_size`` and
     ``size`` ([h, w] long), ``video``, ``exp_id``, ``obj_id``. ``transforms=None`` only normalises.
     ``categories`` defaults to the 65 YTVOS classes (use ``synthetic.SYNTHETIC_CATEGORIES`` for the embedded set).
@@ -486,6 +486,7 @@ class YTVOSDataset(Dataset):
         target = {
             "frames_idx": torch.tensor(positions, dtype=torch.long),
             "labels": torch.full((t,), sample.category_id, dtype=torch.long),
+            "category": torch.tensor(sample.category_id, dtype=torch.long),  # the token-category head's target
             "boxes": boxes,
             "masks": torch.stack(masks).float(),  # [(k t), H, W]
             "valid": torch.tensor(valid, dtype=torch.int32),
@@ -513,7 +514,8 @@ def split_group_target(target: dict, group: list[TrainSample], t: int) -> list[d
         own = {k: v for k, v in target.items() if k != "captions"}
         own.update(boxes=target["boxes"][rows], masks=target["masks"][rows], valid=target["valid"][rows],
                    caption=target["captions"][i], exp_id=member.exp_id, obj_id=member.obj_id,
-                   labels=torch.full((t,), member.category_id, dtype=torch.long))
+                   labels=torch.full((t,), member.category_id, dtype=torch.long),
+                   category=torch.tensor(member.category_id, dtype=torch.long))
         if "area" in target:
             own["area"] = target["area"][rows]
         out.append(own)

@@ -105,6 +105,8 @@ class BIFIT(nn.Module):
         self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(cfg.dec_layers))
         self.pixel_decoder = CrossModalFPNDecoder(channels[0], d, cfg.dim_feedforward, cfg.nheads, cfg.dropout)
         self.mask_head = DynamicMaskHead(d, cfg.dynamic_mask_channels, cfg.controller_layers, cfg.rel_coord)
+        # not in the official model: the category of the object under each token of the finest encoder level
+        self.token_category_head = nn.Linear(d, cfg.token_category_classes) if cfg.token_category_classes else None
         self._reset_head_parameters()
 
     def _reset_head_parameters(self):
@@ -200,7 +202,12 @@ class BIFIT(nn.Module):
                                self.bbox_embed, frame_sentence)
         mask_features = self.pixel_decoder(visual.res2, out["memory"], visual.masks, visual.poses, text_seq, text_mask,
                                            text_pos, t)
-        return self._predict(out, mask_features, image_sizes, b, t, with_aux)
+        outputs = self._predict(out, mask_features, image_sizes, b, t, with_aux)
+        if self.token_category_head is not None and self.training:
+            finest = out["memory"][0]  # [(b t), c, h, w]
+            logits = self.token_category_head(finest.permute(0, 2, 3, 1))  # [(b t), h, w, k]
+            outputs["token_category_logits"] = logits.view(b, t, *logits.shape[1:])  # [b, t, h, w, k]
+        return outputs
 
     def _predict(self, out, mask_features, image_sizes, b: int, t: int, with_aux: bool):
         """The heads on the decoder output: per level [b, t, q, ...] logits, boxes and masks."""

@@ -31,6 +31,27 @@ def dice_loss(logits, targets, num_boxes):
     return (1 - (num + 1) / (den + 1)).sum() / num_boxes
 
 
+def token_category_loss(logits: torch.Tensor, targets: list[dict], target_masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the token-category head on the tokens the referent's mask covers (at least half of the
+    token), against the referent's category; mean over those tokens.
+
+    logits [b, t, h, w, k] (finest encoder level); targets: b dicts, `category` a 0-d long tensor in [0, k) (targets
+    without one, e.g. the RefCOCO stills whose COCO categories are not the video categories, contribute nothing);
+    target_masks [b, t, H, W]. No host sync; a batch with no labelled token gives 0 (the head stays in the graph).
+    """
+    b, t, h, w, k = logits.shape
+    has = [i for i, tgt in enumerate(targets) if "category" in tgt]
+    if not has:
+        return logits.sum() * 0.0
+    categories = torch.stack([targets[i]["category"] for i in has]).to(logits.device)  # [n]
+    cover = F.adaptive_avg_pool2d(target_masks[has].flatten(0, 1).float(), (h, w)).view(len(has), t, h, w)
+    labelled = (cover >= 0.5).float()  # [n, t, h, w]
+    log_prob = logits[has].float().log_softmax(-1)  # [n, t, h, w, k]
+    index = categories.view(-1, 1, 1, 1, 1).expand(-1, t, h, w, 1)
+    nll = -log_prob.gather(-1, index).squeeze(-1)  # [n, t, h, w]
+    return (nll * labelled).sum() / labelled.sum().clamp(min=1.0)
+
+
 class SetCriterion(nn.Module):
     def __init__(self, matcher, weight_dict: dict[str, float], focal_alpha=0.25):
         super().__init__()
@@ -91,6 +112,9 @@ class SetCriterion(nn.Module):
             losses.update({k + suffix: v for k, v in terms.items()})
         if "referent_map" in outputs and "loss_referent_map" in self.weight_dict:
             losses["loss_referent_map"] = referent_map_loss(outputs["referent_map"], target_masks, num_boxes)
+        if "token_category_logits" in outputs and "loss_token_category" in self.weight_dict:
+            losses["loss_token_category"] = token_category_loss(outputs["token_category_logits"], targets,
+                                                                target_masks)
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -78,6 +78,7 @@ def test_round_trip_masks_boxes_labels(bench):
         assert t["orig_size"].tolist() == [96, 160] and t["size"].tolist() == [96, 160]
         category = train_meta[s.video]["objects"][s.obj_id]["category"]
         assert t["labels"].tolist() == [SYNTHETIC_CATEGORIES.index(category)] * 4
+        assert t["category"].item() == SYNTHETIC_CATEGORIES.index(category)
         obj = next(o for o in scenes[s.video]["objects"] if str(o["obj_id"]) == s.obj_id)
         xyxy = box_cxcywh_to_xyxy(t["boxes"]) * torch.tensor([160, 96, 160, 96])
         for k, pos in enumerate(t["frames_idx"].tolist()):
@@ -297,6 +298,7 @@ def test_skip_bad_samples_records_and_serves_next(bench_copy, caplog):
 def test_expressions_per_clip_share_the_clip_and_refer_to_other_objects(bench):
     ds = dataset(bench, expressions_per_clip=3)
     exps = meta(bench)
+    train_meta = meta(bench, "train/meta.json")
     for idx in range(0, len(ds), 7):
         imgs, group = ds[idx]
         s = ds.samples[idx]
@@ -313,6 +315,8 @@ def test_expressions_per_clip_share_the_clip_and_refer_to_other_objects(bench):
             assert t["video"] == s.video and torch.equal(t["frames_idx"], group[0]["frames_idx"])
             assert t["caption"] == " ".join(exps[s.video]["expressions"][t["exp_id"]]["exp"].lower().split())
             assert exps[s.video]["expressions"][t["exp_id"]]["obj_id"] == t["obj_id"]
+            category = train_meta[s.video]["objects"][t["obj_id"]]["category"]
+            assert t["category"].item() == SYNTHETIC_CATEGORIES.index(category)  # each member its own object's
             for k, pos in enumerate(t["frames_idx"].tolist()):
                 png = np.array(Image.open(bench / "train" / "Annotations" / s.video / f"{s.frames[pos]}.png"))
                 assert torch.equal(t["masks"][k], torch.from_numpy(png == int(t["obj_id"])))

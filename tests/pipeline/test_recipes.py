@@ -166,3 +166,21 @@ def test_recipe_settings_are_checked(data):
         _config(data, "a2d", recipe="joint")
     with pytest.raises(ConfigError, match=r"pretrain.overrides.train.recipe: expected no such key here"):
         load_pipeline_config(_params(data), overrides={"pretrain.overrides": {"train.recipe": "joint"}})
+
+
+def test_with_ema_decay_the_exported_model_is_the_weight_average_and_checkpoints_hold_both(data):
+    from bifit.checkpoint import load_checkpoint
+    from pipeline import train
+
+    params = _params(data, ema_decay=0.9)
+    train.main(["--params", str(params)])
+    folder = train.run_dir(_config(data, ema_decay=0.9))
+    ckpt = load_checkpoint(folder / "epoch_0000.pth")
+    assert ckpt["ema"]["updates"] == 2 and ckpt["ema"]["decay"] == 0.9  # one update per optimizer step
+    exported = load_checkpoint(data / "models/bifit.pth")
+    assert exported["weights"] == "ema"
+    for k, v in exported["model"].items():
+        assert torch.equal(v, ckpt["ema"]["model"][k])
+    # the average is not the last weights: two steps in, it still holds part of the starting point
+    moved = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.equal(v, exported["model"][k])]
+    assert any("bbox_embed" in k for k in moved) and any("backbone" in k for k in moved)
