@@ -3,8 +3,8 @@
 After every optimizer step: ema = decay * ema + (1 - decay) * weights, for every floating-point parameter and
 buffer (batch-norm statistics included); integer buffers (batch-norm step counters) are copied. The average
 follows the weights closely at first (decay min(decay, (1 + n) / (10 + n)) after n updates), so an early model is
-not dragged towards its random initialisation. Only the trainable weights change: the frozen ones are
-copied once and compared by reference afterwards, never averaged.
+not dragged towards its random initialisation. Frozen parameters keep the value they had when the average
+started (they do not change).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ModelEMA:
         # the entries that move: trainable parameters and floating-point buffers (batch-norm running statistics)
         buffers = {name for name, b in _unwrap(model).named_buffers() if b.is_floating_point()}
         self.averaged = sorted(k for k in self.state if k in trainable or k in buffers)
+        self.copied = [k for k, v in self.state.items() if not v.is_floating_point()]  # e.g. num_batches_tracked
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -38,13 +39,11 @@ class ModelEMA:
         weights = _unwrap(model).state_dict()
         self.updates += 1
         d = self.current_decay()
-        averaged = set(self.averaged)
         ema = [self.state[k] for k in self.averaged]
         cur = [weights[k].detach() for k in self.averaged]
         torch._foreach_lerp_(ema, cur, 1.0 - d)  # ema += (1 - d) * (cur - ema)
-        for k, v in weights.items():
-            if k not in averaged and not v.is_floating_point():
-                self.state[k].copy_(v)  # e.g. batch-norm num_batches_tracked
+        for k in self.copied:
+            self.state[k].copy_(weights[k])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "model": self.state}

@@ -75,8 +75,8 @@ def check_start_checkpoint(cfg: PipelineConfig) -> None:
 def check_training_data(cfg: PipelineConfig, skip_log: Path | None = None) -> int:
     """List the training samples as the workers will (raises SampleError/ValueError naming the file, or records
     the skips with data.skip_bad_samples) and check that they fill at least one step. Returns the sample count."""
+    from bifit.config import category_names
     from bifit.data import YTVOSDataset
-    from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     d = cfg.data  # the video part: Ref-YouTube-VOS-format data at data.root
     count, where = 0, []
@@ -90,8 +90,7 @@ def check_training_data(cfg: PipelineConfig, skip_log: Path | None = None) -> in
                               "exist; run `dvc repro preprocess@a2d` first")
         count, where = len(read_index(index)["samples"]), [str(index)]
     elif cfg.trains_on_videos():
-        categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
-        dataset = YTVOSDataset(d.root, "train", d.num_frames, categories=categories,
+        dataset = YTVOSDataset(d.root, "train", d.num_frames, categories=category_names(d.categories),
                                skip_bad_samples=d.skip_bad_samples, skip_log=skip_log)
         if dataset.skipped:
             log.warning("%d training entries skipped while listing (data.skip_bad_samples), recorded in %s",

@@ -130,8 +130,8 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
 def _video_dataset(cfg: PipelineConfig, transforms, skip_log: Path | None):
     """Ref-YouTube-VOS clips at data.root, or (data.dataset: a2d) the A2D-Sentences train split of the preprocess
     output, one annotated frame per clip."""
+    from bifit.config import category_names
     from bifit.data import YTVOSDataset
-    from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     d = cfg.data
     if d.dataset == "a2d":
@@ -139,7 +139,7 @@ def _video_dataset(cfg: PipelineConfig, transforms, skip_log: Path | None):
 
         return A2DDataset(a2d_train_root(cfg), "train", d.num_frames, transforms=transforms, train=True,
                           skip_bad_samples=d.skip_bad_samples)
-    categories = SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None
+    categories = category_names(d.categories)
     held_out = []
     proxy = cfg.datasets.ytvos_proxy  # the local-proxy videos (bifit/eval/ytvos_proxy.py) stay unseen
     if proxy.exclude_from_training:

@@ -317,9 +317,9 @@ def list_train_samples(root: Path, split: str, num_frames: int, categories: Sequ
 class YTVOSDataset(Dataset):
     """Ref-YouTube-VOS training clips: ``(imgs [T, 3, H, W], target)``.
 
-    ``target`` keys: ``frames_idx`` [T] long, ``labels`` [T] long and ``category`` [] long (category ids), ``boxes`` [T, 4] (normalised
-    cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32, ``caption``, ``orig_size`` and
-    ``size`` ([h, w] long), ``video``, ``exp_id``, ``obj_id``. ``transforms=None`` only normalises.
+    ``target`` keys: ``frames_idx`` [T] long, ``labels`` [T] long and ``category`` [] long (category ids),
+    ``boxes`` [T, 4] (normalised cxcywh after ``Normalize``), ``masks`` [T, H, W] bool, ``valid`` [T] int32,
+    ``caption``, ``orig_size`` and ``size`` ([h, w] long), ``video``, ``exp_id``, ``obj_id``. ``transforms=None`` only normalises.
     ``categories`` defaults to the 65 YTVOS classes (use ``synthetic.SYNTHETIC_CATEGORIES`` for the embedded set).
     ``expressions_per_clip`` k > 1: every item is ``(imgs, [target] * k)``, the sampled expression first, then
     expressions of the same video about other objects seen in the clip (distinct objects first), all under the
