@@ -365,6 +365,7 @@ class PipelineConfig(Config):
         model.msda_backend (kernels computing the same function); paths inside the repository as
         repository-relative ones, so that a moved checkout resumes its runs.
 
+        `source`: a digest of the training code (`TRAINING_SOURCES`), so that a code change starts a new run.
         From `ray`: the world size (num_workers: the global batch and each rank's share of the data), use_gpu (CPU
         and GPU kernels round differently) and, on CPU, cpus_per_worker (every worker runs
         torch.set_num_threads(cpus_per_worker), and CPU reductions split over threads sum in another order).
@@ -399,6 +400,9 @@ class PipelineConfig(Config):
         start = self.start_checkpoint()
         if start is not None:  # a new pretrained model starts a new fine-tuning run
             out["start_from"] = {"path": _portable(str(start)), "sha256": file_digest(start)}
+        # other code trains another model: after a change DVC reruns the stage, which must not resume the run
+        # folder that the old code trained (it would report the old model as the new one's)
+        out["source"] = source_digest()
         return out
 
     def training_hash(self) -> str:
@@ -423,6 +427,27 @@ def file_digest(path: Path) -> str | None:
                 h.update(block)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+# the code that trains a model: the library (models, data, losses, engine), the deformable-attention kernels and the
+# training stage; only source suffixes (caches and build outputs are not code)
+TRAINING_SOURCES = ("bifit", "ops", "pipeline/train.py", "pipeline/preflight.py")
+SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h")
+
+
+def source_digest(sources: tuple[str, ...] = TRAINING_SOURCES) -> str:
+    """SHA-256 (16 hex digits) over the repository-relative names and contents of the source files under
+    `sources` (a folder: its files with a SOURCE_SUFFIXES suffix, recursively; a missing path adds nothing)."""
+    h = hashlib.sha256()
+    for rel in sources:
+        path = REPO / rel
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
+        else:
+            files = [path] if path.is_file() else []
+        for f in files:
+            h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + file_digest(f).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def load_pipeline_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:

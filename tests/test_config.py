@@ -182,6 +182,35 @@ def test_training_hash_follows_the_ray_settings_that_change_the_result():
     assert more_threads.training_hash() == gpu.training_hash()
 
 
+def test_training_hash_follows_the_training_code(tmp_path, monkeypatch):
+    """A code change makes DVC rerun the stage; the rerun must train anew, not resume (and report) the run folder
+    the old code trained. Caches and files that are not source do not count."""
+    import pipeline.config as pc
+
+    for name in ("bifit/models/head.py", "bifit/engine.py", "ops/csrc/kernel.cu", "pipeline/train.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    (tmp_path / "pipeline" / "tune.py").write_text("# not training code\n")
+    monkeypatch.setattr(pc, "REPO", tmp_path)
+    cfg = load_config(REPO / "params.yaml", cls=pc.PipelineConfig)
+    before = cfg.training_hash()
+    assert cfg.training_dict()["source"] == pc.source_digest()
+    (tmp_path / "bifit" / "models" / "__pycache__").mkdir()
+    (tmp_path / "bifit" / "models" / "__pycache__" / "head.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "ops" / "README.md").write_text("notes\n")
+    (tmp_path / "pipeline" / "tune.py").write_text("# still not training code\n")
+    assert cfg.training_hash() == before
+    for name in ("bifit/models/head.py", "ops/csrc/kernel.cu", "pipeline/train.py"):
+        path = tmp_path / name
+        original = path.read_text()
+        path.write_text(original + "x = 1\n")
+        assert cfg.training_hash() != before, name
+        path.write_text(original)
+        assert cfg.training_hash() == before, name
+    (tmp_path / "bifit" / "models" / "head.py").rename(tmp_path / "bifit" / "models" / "heads.py")  # a renamed file
+    assert cfg.training_hash() != before
+
+
 def test_training_hash_is_the_same_in_two_checkouts(tmp_path, monkeypatch):
     """Moving the checkout resumes the same run folder: paths inside the repository are hashed relative to it."""
     import pipeline.config as pc
