@@ -167,6 +167,8 @@ class DataConfig:
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_min: int = 384
     crop_max: int = 600
+    # how often a training clip takes the resize-crop-resize branch instead of the plain resize (official 0.5)
+    crop_probability: float = 0.5
     categories: Literal["ytvos", "synthetic"] = "ytvos"  # class list used to read category names
     # "official": the reference PhotometricDistort (hue shift, random channel permutation, uint8 wrap-around);
     # "colour_preserving": brightness/contrast/saturation only, for data whose expressions name colours
@@ -192,6 +194,8 @@ class DataConfig:
         check(len(self.crop_resize_scales) > 0 and min(self.crop_resize_scales) >= self.crop_min,
               f"{where}.crop_resize_scales", f"a non-empty list of sizes >= crop_min ({self.crop_min})",
               self.crop_resize_scales)
+        check(0.0 <= self.crop_probability <= 1.0, f"{where}.crop_probability", "a float in [0, 1]",
+              self.crop_probability)
         check(self.eval_short_side >= 32, f"{where}.eval_short_side", "an integer >= 32", self.eval_short_side)
         check(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
         check(self.expressions_per_clip >= 1, f"{where}.expressions_per_clip", "an integer >= 1",

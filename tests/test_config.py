@@ -118,6 +118,17 @@ def test_keys_of_earlier_versions_load_only_with_their_one_value(section, key, g
         from_dict(Config, saved)
 
 
+def test_data_crop_probability_is_a_probability():
+    from bifit.config import Config, from_dict
+
+    saved = to_dict(Config())
+    saved["data"]["crop_probability"] = 0.0
+    assert from_dict(Config, saved).validate().data.crop_probability == 0.0
+    saved["data"]["crop_probability"] = -0.1
+    with pytest.raises(ConfigError, match=r"data\.crop_probability: expected a float in \[0, 1\], got -0\.1"):
+        from_dict(Config, saved).validate()
+
+
 def test_data_dataset_is_a_choice_of_video_training_set():
     from bifit.config import Config, from_dict
 

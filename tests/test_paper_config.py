@@ -37,6 +37,7 @@ OFFICIAL = {
     "data.photometric": "official", "data.num_frames": 6,
     "data.train_scales": [288, 320, 352, 392, 416, 448, 480, 512], "data.max_size": 640,
     "data.crop_resize_scales": [400, 500, 600], "data.crop_min": 384, "data.crop_max": 600,
+    "data.crop_probability": 0.5,
     "data.eval_short_side": 360, "data.skip_bad_samples": False, "data.batch_grouping": "none",
     "data.expressions_per_clip": 1,
     # train: AdamW, MultiStepLR stepped per epoch; the schedule is the recipe's (RECIPES below)

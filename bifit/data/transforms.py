@@ -43,8 +43,9 @@ LEFT_RIGHT_PLACEHOLDER = "@"
 class ResizeConfig:
     """Scales of the training RandomSelect (the official multi-scale resize and crop).
 
-    Branch (a): RandomResize(scales, max_size). Branch (b): RandomResize(crop_resize_scales, no max size), then
-    RandomSizeCrop(crop_min, crop_max), then RandomResize(scales, max_size).
+    Branch (a): RandomResize(scales, max_size). Branch (b), taken with probability crop_probability (official 0.5):
+    RandomResize(crop_resize_scales, no max size), then RandomSizeCrop(crop_min, crop_max), then
+    RandomResize(scales, max_size).
     """
 
     scales: tuple[int, ...] = (288, 320, 352, 392, 416, 448, 480, 512)
@@ -52,6 +53,7 @@ class ResizeConfig:
     crop_resize_scales: tuple[int, ...] = (400, 500, 600)
     crop_min: int = 384
     crop_max: int = 600
+    crop_probability: float = 0.5
 
     def __post_init__(self):
         self.validate()
@@ -65,6 +67,8 @@ class ResizeConfig:
               f"None or >= max(scales)={max(self.scales)}", self.max_size)
         check(1 <= self.crop_min <= self.crop_max, f"{where}.crop_min/crop_max", "1 <= crop_min <= crop_max",
               (self.crop_min, self.crop_max))
+        check(0.0 <= self.crop_probability <= 1.0, f"{where}.crop_probability", "a float in [0, 1]",
+              self.crop_probability)
 
 
 PAPER_RESIZE = ResizeConfig()
@@ -397,6 +401,7 @@ def make_train_transforms(cfg: ResizeConfig = PAPER_RESIZE, rng=None, photometri
                 RandomResize(cfg.scales, cfg.max_size, rng=rng),
                 Check(),
             ]),
+            p=1.0 - cfg.crop_probability,  # one draw per clip whatever the probability
             rng=rng,
         ),
         Normalize(),

@@ -179,6 +179,24 @@ def test_train_pipeline_end_to_end(cfg):
         assert out["caption"] in (target["caption"], T.swap_left_right(target["caption"]))
 
 
+def test_crop_probability_sets_how_often_the_crop_branch_is_taken():
+    # 128 x 224 frames; the plain branch keeps them at 128 x 224, the crop branch crops at most 160 of the 280
+    # columns the 160-scale resize gives, so its output is never 224 wide
+    base = dict(scales=(128,), max_size=256, crop_resize_scales=(160,), crop_min=128, crop_max=160)
+
+    def widths(probability, n=40):
+        pipeline = T.make_train_transforms(T.ResizeConfig(**base, crop_probability=probability), rng=random.Random(3),
+                                           photometric="none")
+        return [pipeline(*make_clip(n=2, h=128, w=224, box=(100, 50, 130, 80)))[0].shape[-1] for _ in range(n)]
+
+    assert set(widths(0.0)) == {224}
+    assert 224 not in widths(1.0)
+    cropped = sum(w != 224 for w in widths(0.5))
+    assert 10 <= cropped <= 30  # about half of 40
+    with pytest.raises(ValueError, match=r"ResizeConfig\.crop_probability: expected a float in \[0, 1\]"):
+        T.ResizeConfig(crop_probability=1.5)
+
+
 def test_eval_transforms():
     clip, target = make_clip(n=2, h=320, w=427)
     imgs, out = T.make_eval_transforms(360, 640)(clip, target)
