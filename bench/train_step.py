@@ -486,9 +486,7 @@ def default_batches(cfg, root: Path, n: int, pin_memory: bool):
     from bifit.synthetic import SYNTHETIC_CATEGORIES
 
     d = cfg.data
-    resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
-                          crop_resize_scales=tuple(d.crop_resize_scales), crop_min=d.crop_min, crop_max=d.crop_max,
-                          crop_probability=d.crop_probability)
+    resize = ResizeConfig.from_data_config(d)
     dataset = YTVOSDataset(root, "train", d.num_frames,
                            transforms=make_train_transforms(resize, photometric=d.photometric),
                            categories=SYNTHETIC_CATEGORIES if d.categories == "synthetic" else None,

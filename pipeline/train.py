@@ -109,10 +109,7 @@ def _dataset(cfg: PipelineConfig, skip_log: Path | None = None):
     from bifit.data import ResizeConfig, make_train_transforms
 
     d = cfg.data
-    resize = ResizeConfig(scales=tuple(d.train_scales), max_size=d.max_size,
-                          crop_resize_scales=tuple(d.crop_resize_scales), crop_min=d.crop_min, crop_max=d.crop_max,
-                          crop_probability=d.crop_probability)
-    transforms = make_train_transforms(resize, photometric=d.photometric)
+    transforms = make_train_transforms(ResizeConfig.from_data_config(d), photometric=d.photometric)
     images = [_image_dataset(cfg, name, transforms) for name in cfg.image_datasets()]
     if not cfg.trains_on_videos():
         if len(images) == 1:

@@ -58,6 +58,13 @@ class ResizeConfig:
     def __post_init__(self):
         self.validate()
 
+    @classmethod
+    def from_data_config(cls, data) -> ResizeConfig:
+        """The training resize of a `bifit.config.DataConfig` (train_scales, max_size, crop_*)."""
+        return cls(scales=tuple(data.train_scales), max_size=data.max_size,
+                   crop_resize_scales=tuple(data.crop_resize_scales), crop_min=data.crop_min, crop_max=data.crop_max,
+                   crop_probability=data.crop_probability)
+
     def validate(self, where: str = "ResizeConfig"):
         for name in ("scales", "crop_resize_scales"):
             values = getattr(self, name)

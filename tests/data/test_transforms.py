@@ -197,6 +197,16 @@ def test_crop_probability_sets_how_often_the_crop_branch_is_taken():
         T.ResizeConfig(crop_probability=1.5)
 
 
+def test_resize_config_from_the_data_section_carries_every_resize_setting():
+    from bifit.config import DataConfig
+
+    data = DataConfig(train_scales=[128, 144], max_size=256, crop_resize_scales=[160, 176], crop_min=120,
+                      crop_max=150, crop_probability=0.25)
+    assert T.ResizeConfig.from_data_config(data) == T.ResizeConfig(
+        scales=(128, 144), max_size=256, crop_resize_scales=(160, 176), crop_min=120, crop_max=150,
+        crop_probability=0.25)
+
+
 def test_eval_transforms():
     clip, target = make_clip(n=2, h=320, w=427)
     imgs, out = T.make_eval_transforms(360, 640)(clip, target)
